@@ -1,0 +1,292 @@
+"""Apply a two-stage pruning plan to a Hugging Face VLM, for forward passes and cached generation.
+
+image -> vision tokens -> stage 1 (keep n1 per image) -> splice into the prompt (original positions kept)
+      -> decoder layers 0..K-1 -> stage 2 at layer K (keep n2 per image by text-to-vision attention)
+      -> decoder layers K..L-1 -> logits
+
+Stage 2 is done with forward pre-hooks on the decoder layers: the model's own modeling code runs unchanged; the
+hooks cut the hidden states, rotary embeddings and attention mask of layers >= K down to the surviving rows.
+Layers >= K therefore cache fewer keys and values, and `generate()` decodes against that smaller cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from modules.budget import check_budget_spec, resolve_budget, topk_keep
+from modules.scorers.base import SCORERS, Scorer, Stage2Context
+from modules.selectors.base import SELECTORS, Selector
+from modules.vlm import get_adapter
+from modules.vlm.base import Spliced, VisionTokens, VLMAdapter, gather_last
+
+
+def _resolve(spec, registry, base: type, what: str):
+    if spec is None or isinstance(spec, base):
+        return spec
+    if isinstance(spec, str):
+        return registry.build(spec)
+    if isinstance(spec, dict):
+        params = dict(spec)
+        name = params.pop("name", None)
+        if name is None:
+            raise ValueError(f"a {what} given as a mapping needs a 'name' key, got {spec!r}")
+        return registry.build(name, **params)
+    raise ValueError(f"{what} must be a registered name, a {{'name': ...}} mapping or a {base.__name__}, "
+                     f"got {spec!r}")
+
+
+@dataclass
+class PruningPlan:
+    """Which selector keeps how many tokens where.
+
+    stage1 / stage2: a registered name ("random", "fastv", ...), a mapping {"name": ..., **params}, or an
+        instance. None disables the stage; `PruningPlan()` is the unpruned model.
+    n1 / n2: kept visual tokens per image, an int count or a float ratio of N. n2 <= n1.
+    layer: decoder layer K at whose input stage 2 prunes (scores come from layer K-1); default L // 2.
+    """
+
+    stage1: Any = None
+    n1: int | float | None = None
+    stage2: Any = None
+    n2: int | float | None = None
+    layer: int | None = None
+    selector: Selector | None = field(init=False, repr=False, default=None)
+    scorer: Scorer | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.selector = _resolve(self.stage1, SELECTORS, Selector, "stage1")
+        self.scorer = _resolve(self.stage2, SCORERS, Scorer, "stage2")
+        if self.selector is not None:
+            if self.n1 is None:
+                raise ValueError("stage1 is set but n1 is not: give the number (or ratio) of tokens to keep")
+            check_budget_spec(self.n1, "n1")
+        if self.scorer is not None:
+            if self.n2 is None:
+                raise ValueError("stage2 is set but n2 is not: give the number (or ratio) of tokens to keep")
+            check_budget_spec(self.n2, "n2")
+        if self.selector is None and self.n1 is not None:
+            raise ValueError(f"n1={self.n1} is set but stage1 is not")
+        if self.scorer is None and (self.n2 is not None or self.layer is not None):
+            raise ValueError(f"n2={self.n2} / layer={self.layer} are set but stage2 is not")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise ValueError(f"layer must be an int, got {self.layer!r}")
+        if type(self.n1) is type(self.n2) and self.n1 is not None and self.n2 > self.n1:
+            raise ValueError(f"n2={self.n2} exceeds n1={self.n1}: stage 2 can only drop tokens stage 1 kept")
+
+    @property
+    def is_noop(self) -> bool:
+        return self.selector is None and self.scorer is None
+
+    def budgets(self, num_tokens: int) -> tuple[int, int | None]:
+        """(n1, n2) as counts for N = num_tokens visual tokens per image."""
+        n1 = num_tokens if self.selector is None else resolve_budget(self.n1, num_tokens, "n1")
+        if self.scorer is None:
+            return n1, None
+        n2 = resolve_budget(self.n2, num_tokens, "n2")
+        if n2 > n1:
+            raise ValueError(f"n2={self.n2} ({n2} tokens) exceeds n1={self.n1} ({n1} tokens)")
+        return n1, n2
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module) -> Iterator[PrunedVLM]:
+        """Make `model(...)` and `model.generate(...)` prune while the context is open."""
+        pruned = PrunedVLM(model, self)
+        original_forward = model.forward
+
+        def forward(*args, **kwargs):
+            if kwargs.get("pixel_values") is None:  # text-only steps (decoding, our own calls) run unchanged
+                return original_forward(*args, **kwargs)
+            return pruned.forward(*args, **kwargs)
+
+        model.forward = forward
+        model.generate = pruned.generate
+        try:
+            yield pruned
+        finally:
+            del model.forward, model.generate
+
+
+@dataclass
+class _Stage2State:
+    spliced: Spliced
+    n2: int
+    per_row: int
+    captured: tuple | None = None  # (hidden_states, position_embeddings) at the input of layer K-1
+    rows: torch.Tensor | None = None  # (B, L2) surviving rows of the spliced sequence
+
+
+class PrunedVLM(nn.Module):
+    """A transformers VLM that prunes visual tokens according to a `PruningPlan`.
+
+    Takes the same inputs as the wrapped model (processor output, plus optional `image_sizes` = original
+    (height, width) of pad-to-square images so padding tokens are known). Logits are returned for the
+    positions that survive pruning; text tokens always survive, so the last row is the next-token prediction.
+    `last_kept` holds the kept visual indices of the last call and `last_positions` (B, L_out) the index of
+    each output row in the unpruned sequence.
+    """
+
+    def __init__(self, model: nn.Module, plan: PruningPlan):
+        super().__init__()
+        self.model = model
+        self.plan = plan
+        self.adapter: VLMAdapter = get_adapter(model)
+        self.selector = plan.selector  # registered as a submodule when it is one (learned heads)
+        self.scorer = plan.scorer
+        self.layer = None
+        if plan.scorer is not None:
+            n_layers = self.adapter.num_layers
+            self.layer = plan.layer if plan.layer is not None else n_layers // 2
+            if not 1 <= self.layer <= n_layers - 1:
+                raise ValueError(f"layer={self.layer} is outside [1, {n_layers - 1}] for a language model with "
+                                 f"{n_layers} layers (stage 2 scores with layer K-1 and prunes from layer K)")
+            impl = getattr(model.config.get_text_config(), "_attn_implementation", None)
+            if impl == "flex_attention":
+                raise ValueError("stage-2 pruning does not support attn_implementation='flex_attention'")
+        self.last_kept: dict[str, torch.Tensor] = {}
+        self.last_stage2_scores: torch.Tensor | None = None
+        self.last_positions: torch.Tensor | None = None
+
+    # ---- public API ------------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                image_sizes=None, labels=None, **kwargs):
+        if self.plan.is_noop or pixel_values is None:
+            return self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                              position_ids=position_ids, labels=labels, **kwargs)
+        spliced, n2, per_row = self.prepare(input_ids, pixel_values, attention_mask, position_ids, image_sizes,
+                                            for_generation=False)
+        with self._stage2(spliced, n2, per_row) as state:
+            out = self.model(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                             position_ids=spliced.position_ids, **kwargs)
+        rows = state.rows if state is not None else None
+        self.last_positions = spliced.positions if rows is None else spliced.positions.gather(1, rows)
+        if labels is not None:
+            kept_labels = labels.gather(1, self.last_positions)
+            out.loss = self.model.loss_function(logits=out.logits, labels=kept_labels,
+                                                vocab_size=self.model.config.get_text_config().vocab_size)
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                 image_sizes=None, **kwargs) -> torch.Tensor:
+        """Like `model.generate`: (B, L + new) token ids with the prompt first (or a generate output whose
+        `sequences` are, with `return_dict_in_generate=True`)."""
+        generate = type(self.model).generate
+        if self.plan.is_noop or pixel_values is None:
+            return generate(self.model, input_ids=input_ids, pixel_values=pixel_values,
+                            attention_mask=attention_mask, **kwargs)
+        spliced, n2, per_row = self.prepare(input_ids, pixel_values, attention_mask, position_ids, image_sizes,
+                                            for_generation=True)
+        with self._stage2(spliced, n2, per_row):
+            out = generate(self.model, inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                           position_ids=spliced.position_ids, **kwargs)
+        # generating from inputs_embeds returns only the new tokens; put the prompt back in front like HF does
+        if isinstance(out, torch.Tensor):
+            return torch.cat([input_ids, out.to(input_ids.device)], dim=1)
+        out.sequences = torch.cat([input_ids, out.sequences.to(input_ids.device)], dim=1)
+        return out
+
+    # ---- the data path -------------------------------------------------------------------------------------
+    def prepare(self, input_ids, pixel_values, attention_mask, position_ids, image_sizes, for_generation: bool
+                ) -> tuple[Spliced, int | None, int]:
+        """Stage 1: encode the images, select n1 tokens per image, splice them into the prompt."""
+        if input_ids is None:
+            raise ValueError("PrunedVLM needs input_ids (to find the image tokens); inputs_embeds is not enough")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.scorer is not None and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("the batch is right-padded; stage 2 scores from the last prompt token, so tokenize "
+                             "with padding_side='left'")
+        n_images = pixel_values.shape[0]
+        self.adapter.image_positions(input_ids, n_images)  # count checks before the vision tower runs
+        if position_ids is None:
+            position_ids = self.adapter.default_position_ids(input_ids, attention_mask, for_generation)
+        tokens = self.encode(pixel_values, image_sizes)
+        n1, n2 = self.plan.budgets(tokens.num_tokens)
+        keep1 = self.select_stage1(tokens, n1)
+        self.last_kept = {"stage1": keep1}
+        spliced = self.adapter.splice(input_ids, attention_mask, position_ids, tokens, keep1)
+        return spliced, n2, n_images // input_ids.shape[0]
+
+    def encode(self, pixel_values: torch.Tensor, image_sizes=None) -> VisionTokens:
+        return self.adapter.encode(pixel_values, image_sizes)
+
+    def select_stage1(self, tokens: VisionTokens, n1: int) -> torch.Tensor:
+        if self.selector is None:
+            return torch.arange(tokens.num_tokens, device=tokens.feats.device).expand(tokens.batch_size, -1)
+        return self.selector.select(tokens, n1)
+
+    # ---- stage 2 ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stage2(self, spliced: Spliced, n2: int | None, per_row: int) -> Iterator[_Stage2State | None]:
+        if self.scorer is None:
+            yield None
+            return
+        state = _Stage2State(spliced=spliced, n2=n2, per_row=per_row)
+        layers = self.adapter.language_layers()
+        k = self.layer
+        handles = [layers[k - 1].register_forward_pre_hook(self._capture_hook(state), with_kwargs=True)]
+        handles += [layers[i].register_forward_pre_hook(self._prune_hook(state, i == k), with_kwargs=True)
+                    for i in range(k, len(layers))]
+        try:
+            yield state
+        finally:
+            for h in handles:
+                h.remove()
+            state.captured = None
+
+    def _capture_hook(self, state: _Stage2State):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if state.rows is None and hidden.shape[1] == state.spliced.inputs_embeds.shape[1]:
+                state.captured = (hidden, kwargs.get("position_embeddings"))
+
+        return hook
+
+    def _prune_hook(self, state: _Stage2State, first: bool):
+        def hook(module, args, kwargs):
+            full_len = state.spliced.inputs_embeds.shape[1]
+            if first and state.rows is None:
+                state.rows = self._stage2_rows(state)
+                args, kwargs = _replace_hidden(args, kwargs, lambda h: gather_last(h, state.rows))
+            if state.rows is None:
+                return None
+            return args, self.adapter.select_layer_rows(kwargs, state.rows, full_len)
+
+        return hook
+
+    def _stage2_rows(self, state: _Stage2State) -> torch.Tensor:
+        """Score the visual tokens with layer K-1's attention, keep n2 per image; (B, L2) surviving rows."""
+        sp = state.spliced
+        if state.captured is None:
+            raise RuntimeError("stage 2 found no layer K-1 input to score with; was the decoder run as usual?")
+        hidden, cos_sin = state.captured
+        state.captured = None
+
+        def logits_fn(query_index: torch.Tensor) -> torch.Tensor:
+            return self.adapter.attention_logits(self.layer - 1, hidden, cos_sin, query_index)
+
+        ctx = Stage2Context(logits_fn=logits_fn, attention_mask=sp.attention_mask, vision_slots=sp.vision_slots,
+                            vision_index=sp.vision_index, vision_valid=sp.vision_valid)
+        with torch.no_grad():
+            scores = self.scorer.score(ctx)
+        keep = topk_keep(scores, state.n2 * state.per_row, sp.vision_valid)  # (B, M2) into the M1 visual tokens
+        self.last_kept["stage2"] = sp.vision_index.gather(1, keep)
+        self.last_stage2_scores = scores
+        drop = torch.zeros(sp.attention_mask.shape, dtype=torch.bool, device=keep.device)
+        drop.scatter_(1, sp.vision_slots, True)
+        drop.scatter_(1, sp.vision_slots.gather(1, keep), False)
+        return (~drop).nonzero()[:, 1].view(drop.shape[0], -1)
+
+
+def _replace_hidden(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+    return args, kwargs

@@ -1,0 +1,36 @@
+"""Name registries, so configs and plans can name selectors and scorers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+class Registry:
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, type] = {}
+
+    def register(self, name: str) -> Callable[[type], type]:
+        def add(cls: type) -> type:
+            if name in self._entries and self._entries[name] is not cls:
+                raise ValueError(f"{self.kind} name {name!r} is already registered to {self._entries[name]}")
+            self._entries[name] = cls
+            cls.name = name
+            return cls
+
+        return add
+
+    def get(self, name: str) -> type:
+        if name not in self._entries:
+            raise ValueError(f"unknown {self.kind} {name!r}; registered: {sorted(self._entries)}")
+        return self._entries[name]
+
+    def build(self, name: str, **params: Any):
+        return self.get(name)(**params)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries

@@ -1,0 +1,99 @@
+"""Stage-2 scorers: rank the surviving visual tokens inside the language model, at decoder layer K.
+
+A scorer receives a `Stage2Context` and returns one score per visual token (higher = keep). The context gives
+text-to-vision attention rows recomputed from layer K-1's own q/k projections and RoPE, so the model can run
+with SDPA or flash attention and no (L, L) attention matrix is ever built.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from modules.registry import Registry
+
+SCORERS = Registry("stage-2 scorer")
+
+QUERY_MODES = ("last", "text")
+
+
+@dataclass
+class Stage2Context:
+    """What a stage-2 scorer can read.
+
+    logits_fn:      (B, Q) query rows -> (B, H, Q, L1) scaled attention logits of layer K-1.
+    attention_mask: (B, L1) 1 for real tokens (left padding only).
+    vision_slots:   (B, M) positions of the surviving visual tokens in the sequence.
+    vision_index:   (B, M) their index among the row's visual tokens (into N for one image per prompt).
+    vision_valid:   (B, M) bool, False for padding tokens.
+    """
+
+    logits_fn: Callable[[torch.Tensor], torch.Tensor]
+    attention_mask: torch.Tensor
+    vision_slots: torch.Tensor
+    vision_index: torch.Tensor
+    vision_valid: torch.Tensor
+
+    def query_rows(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Q) query positions and (B, Q) weights that sum to 1 per row.
+
+        "last": the last token of the prompt. "text": every real token after the (last) image.
+        """
+        bsz, length = self.attention_mask.shape
+        device = self.attention_mask.device
+        if query == "last":
+            return (torch.full((bsz, 1), length - 1, device=device),
+                    torch.ones(bsz, 1, device=device))
+        if query != "text":
+            raise ValueError(f"unknown stage-2 query mode {query!r}; use one of {QUERY_MODES}")
+        after = length - 1 - self.vision_slots.max(dim=1).values  # text tokens after the image, per row
+        width = int(after.max().clamp(min=1))
+        index = torch.arange(length - width, length, device=device).expand(bsz, -1)
+        weight = (index > self.vision_slots.max(dim=1, keepdim=True).values).float()
+        weight = weight * self.attention_mask.gather(1, index).float()
+        if bool((weight.sum(dim=1) == 0).any()):
+            weight = torch.zeros_like(weight)
+            weight[:, -1] = 1.0  # the image ends the prompt: fall back to its last token
+        return index, weight / weight.sum(dim=1, keepdim=True)
+
+    def attention(self, query: str = "last", over: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head attention of the query rows to the visual tokens: ((B, H, Q, M) probabilities, (B, Q) weights).
+
+        over="all": the model's own softmax over every key the query sees (the row the eager attention returns).
+        over="vision": softmax restricted to the visual keys (a distribution over the M visual tokens).
+        """
+        index, weight = self.query_rows(query)
+        logits = self.logits_fn(index).float()  # (B, H, Q, L)
+        length = logits.shape[-1]
+        keys = torch.arange(length, device=logits.device)
+        allowed = (keys.view(1, 1, -1) <= index.unsqueeze(-1)) & self.attention_mask.bool().unsqueeze(1)
+        logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+        slots = self.vision_slots[:, None, None, :].expand(-1, logits.shape[1], logits.shape[2], -1)
+        if over == "vision":
+            return torch.softmax(logits.gather(-1, slots), dim=-1), weight
+        if over != "all":
+            raise ValueError(f"unknown attention normalisation {over!r}; use 'all' or 'vision'")
+        return torch.softmax(logits, dim=-1).gather(-1, slots), weight
+
+    def text_to_vision(self, query: str = "last") -> torch.Tensor:
+        """(B, M) attention to each visual token, mean over heads and (weighted) over query rows."""
+        probs, weight = self.attention(query)
+        return (probs.mean(dim=1) * weight.unsqueeze(-1)).sum(dim=1)
+
+
+class Scorer(ABC):
+    """Scores the visual tokens at stage 2. Subclasses implement `score`."""
+
+    name: str = "scorer"
+
+    @abstractmethod
+    def score(self, ctx: Stage2Context) -> torch.Tensor:
+        """(B, M) scores for the visual tokens in `ctx`, higher is kept first."""
+
+
+def get_scorer(name: str, **params) -> Scorer:
+    """A registered stage-2 scorer by name, e.g. `get_scorer("fastv", query="text")`."""
+    return SCORERS.build(name, **params)

@@ -1,0 +1,53 @@
+"""Stage-1 selectors: keep n of the N visual tokens of each image, right after the vision encoder.
+
+Write a selector by subclassing `ScoreSelector` and implementing `score` (higher = keep), or `Selector` and
+implementing `keep` when the choice is not a top-k of independent scores (diversity, clustering). Register it
+with `@SELECTORS.register("name")` so plans and YAML configs can name it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from modules.budget import resolve_budget, topk_keep
+from modules.registry import Registry
+from modules.vlm.base import VisionTokens
+
+SELECTORS = Registry("stage-1 selector")
+
+
+class Selector(ABC):
+    """Picks which visual tokens survive stage 1. Subclasses implement `keep`."""
+
+    name: str = "selector"
+
+    def select(self, tokens: VisionTokens, n: int | float) -> torch.Tensor:
+        """(B, n) indices into the N tokens, sorted ascending, never a padding token while valid ones remain."""
+        n = resolve_budget(n, tokens.num_tokens, "n")
+        keep = self.keep(tokens, n)
+        if keep.shape != (tokens.batch_size, n):
+            raise RuntimeError(f"{type(self).__name__}.keep returned shape {tuple(keep.shape)}, expected "
+                               f"({tokens.batch_size}, {n})")
+        return keep.sort(dim=-1).values
+
+    @abstractmethod
+    def keep(self, tokens: VisionTokens, n: int) -> torch.Tensor:
+        """(B, n) distinct indices of the kept tokens, for an already validated 1 <= n <= N."""
+
+
+class ScoreSelector(Selector):
+    """A selector that scores every token independently and keeps the top n. Subclasses implement `score`."""
+
+    @abstractmethod
+    def score(self, tokens: VisionTokens) -> torch.Tensor:
+        """(B, N) importance scores, higher is kept first."""
+
+    def keep(self, tokens: VisionTokens, n: int) -> torch.Tensor:
+        return topk_keep(self.score(tokens), n, tokens.valid)
+
+
+def get_selector(name: str, **params) -> Selector:
+    """A registered stage-1 selector by name, e.g. `get_selector("vispruner", important_ratio=0.5)`."""
+    return SELECTORS.build(name, **params)

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny random LLaVA (CLIP vision + Llama text), a code-built tokenizer and a real processor."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from modules.vlm.tiny import tiny_llava, tiny_llava_processor, tiny_tokenizer
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+PROMPTS = [
+    "USER : <image> what is the color of the circle ? ASSISTANT :",
+    "USER : <image> how many ? ASSISTANT :",
+    "USER : <image> describe this image . what shape is left ? ASSISTANT :",
+]
+
+
+def make_images(sizes=((40, 20), (20, 30), (32, 32)), seed: int = 0) -> list[Image.Image]:
+    gen = torch.Generator().manual_seed(seed)
+    images = []
+    for w, h in sizes:
+        pixels = (torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        images.append(Image.fromarray(pixels))
+    return images
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def processor(tokenizer):
+    return tiny_llava_processor(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def sdpa_model(tokenizer):
+    return tiny_llava(tokenizer, attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="session")
+def eager_model(tokenizer, sdpa_model):
+    model = tiny_llava(tokenizer, attn_implementation="eager")
+    model.load_state_dict(sdpa_model.state_dict())
+    return model
+
+
+@pytest.fixture(scope="session")
+def batch(processor):
+    """Three prompts of different lengths, left padded, with their images' original sizes."""
+    images = make_images()
+    inputs = processor(images=images, text=PROMPTS, return_tensors="pt", padding=True)
+    inputs["image_sizes"] = torch.tensor([[im.height, im.width] for im in images])
+    return inputs
