@@ -1,9 +1,17 @@
-"""Stage-2 scorers (inside the language model), one file per method, registered by name."""
+"""Stage-2 scorers (inside the language model), one file per method, registered by name.
+
+Every module of this package is imported here, so a new scorer file registers itself; `DEFAULT_SCORERS` holds
+one instance of each with default parameters and drives the generic stage-2 tests.
+"""
+
+import importlib
+import pkgutil
 
 from modules.scorers.base import QUERY_MODES, SCORERS, Scorer, Stage2Context, get_scorer
-from modules.scorers.fastv import FastVScorer
 
-# Every stage-2 scorer with default parameters; the generic stage-2 tests are parametrized over this list.
-DEFAULT_SCORERS: list[Scorer] = [FastVScorer()]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["DEFAULT_SCORERS", "QUERY_MODES", "SCORERS", "FastVScorer", "Scorer", "Stage2Context", "get_scorer"]
+DEFAULT_SCORERS: list[Scorer] = [SCORERS.build(name) for name in SCORERS.names()]
+
+__all__ = ["DEFAULT_SCORERS", "QUERY_MODES", "SCORERS", "Scorer", "Stage2Context", "get_scorer"]

@@ -1,9 +1,17 @@
-"""Stage-1 selectors (after the vision encoder), one file per method, registered by name."""
+"""Stage-1 selectors (after the vision encoder), one file per method, registered by name.
 
-from modules.selectors.base import SELECTORS, ScoreSelector, Selector, get_selector
-from modules.selectors.random import RandomSelector
+Every module of this package is imported here, so a new selector file registers itself; `DEFAULT_SELECTORS`
+holds one instance of each with default parameters and drives the generic selector tests.
+"""
 
-# Every stage-1 selector with default parameters; the generic selector tests are parametrized over this list.
-DEFAULT_SELECTORS: list[Selector] = [RandomSelector()]
+import importlib
+import pkgutil
 
-__all__ = ["DEFAULT_SELECTORS", "SELECTORS", "RandomSelector", "ScoreSelector", "Selector", "get_selector"]
+from modules.selectors.base import SELECTORS, Calibrated, ScoreSelector, Selector, get_selector
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+DEFAULT_SELECTORS: list[Selector] = [SELECTORS.build(name) for name in SELECTORS.names()]
+
+__all__ = ["DEFAULT_SELECTORS", "SELECTORS", "Calibrated", "ScoreSelector", "Selector", "get_selector"]

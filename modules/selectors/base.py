@@ -48,6 +48,35 @@ class ScoreSelector(Selector):
         return topk_keep(self.score(tokens), n, tokens.valid)
 
 
+class Calibrated(ABC):
+    """Mixin for components with values fitted on data (a trend, a dataset mean, a prior).
+
+    `calibrate(...)` in `modules.calibrate` calls `start_calibration()`, then `observe(x)` on every batch (x is the
+    `VisionTokens` of stage 1 or the `Stage2Context` of stage 2) and finally `finish_calibration()`, which stores
+    the fitted values in dataclass fields so they are saved with the plan.
+    """
+
+    def start_calibration(self) -> None:
+        self._observations: list = []
+
+    def observe(self, inputs) -> None:
+        self._observations.append(self.statistic(inputs))
+
+    @abstractmethod
+    def statistic(self, inputs):
+        """What to keep from one batch (detached, on CPU)."""
+
+    def finish_calibration(self) -> None:
+        observations, self._observations = self._observations, []
+        if not observations:
+            raise ValueError(f"{type(self).__name__}: calibration saw no batches")
+        self.fit(observations)
+
+    @abstractmethod
+    def fit(self, observations: list) -> None:
+        """Set the calibrated fields from the per-batch statistics."""
+
+
 def get_selector(name: str, **params) -> Selector:
     """A registered stage-1 selector by name, e.g. `get_selector("vispruner", important_ratio=0.5)`."""
     return SELECTORS.build(name, **params)
