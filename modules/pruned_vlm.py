@@ -271,11 +271,13 @@ class PrunedVLM(nn.Module):
         def logits_fn(query_index: torch.Tensor) -> torch.Tensor:
             return self.adapter.attention_logits(self.layer - 1, hidden, cos_sin, query_index)
 
+        budget = state.n2 * state.per_row
         ctx = Stage2Context(logits_fn=logits_fn, attention_mask=sp.attention_mask, vision_slots=sp.vision_slots,
-                            vision_index=sp.vision_index, vision_valid=sp.vision_valid)
+                            vision_index=sp.vision_index, vision_valid=sp.vision_valid,
+                            vision_hidden=gather_last(hidden, sp.vision_slots), budget=budget)
         with torch.no_grad():
             scores = self.scorer.score(ctx)
-        keep = topk_keep(scores, state.n2 * state.per_row, sp.vision_valid)  # (B, M2) into the M1 visual tokens
+        keep = topk_keep(scores, budget, sp.vision_valid)  # (B, M2) into the M1 visual tokens
         self.last_kept["stage2"] = sp.vision_index.gather(1, keep)
         self.last_stage2_scores = scores
         drop = torch.zeros(sp.attention_mask.shape, dtype=torch.bool, device=keep.device)

@@ -29,6 +29,8 @@ class Stage2Context:
     vision_slots:   (B, M) positions of the surviving visual tokens in the sequence.
     vision_index:   (B, M) their index among the row's visual tokens (into N for one image per prompt).
     vision_valid:   (B, M) bool, False for padding tokens.
+    vision_hidden:  (B, M, D) hidden states of the visual tokens at the input of layer K-1.
+    budget:         how many of the M tokens per row will be kept (for budget-aware scorers).
     """
 
     logits_fn: Callable[[torch.Tensor], torch.Tensor]
@@ -36,6 +38,8 @@ class Stage2Context:
     vision_slots: torch.Tensor
     vision_index: torch.Tensor
     vision_valid: torch.Tensor
+    vision_hidden: torch.Tensor
+    budget: int
 
     def query_rows(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Q) query positions and (B, Q) weights that sum to 1 per row.
