@@ -13,7 +13,12 @@ import torch
 
 
 def to_config(component: Any) -> dict[str, Any]:
-    """{"name": registered name, **init fields}; nested components become nested configs."""
+    """{"name": registered name, **init fields}; nested components become nested configs.
+
+    Components that are not dataclasses (learned heads) provide their own `to_config()`.
+    """
+    if hasattr(component, "to_config"):
+        return component.to_config()
     if not dataclasses.is_dataclass(component):
         raise ValueError(f"{type(component).__name__} is not a dataclass, so it cannot be saved in a plan")
     config: dict[str, Any] = {"name": component.name}

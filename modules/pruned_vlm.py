@@ -12,14 +12,19 @@ Layers >= K therefore cache fewer keys and values, and `generate()` decodes agai
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from modules.budget import check_budget_spec, resolve_budget, topk_keep
+from modules.config import to_config
+from modules.head import TrainSelection
 from modules.scorers.base import SCORERS, Scorer, Stage2Context
 from modules.selectors.base import SELECTORS, Selector
 from modules.vlm import get_adapter
@@ -93,6 +98,53 @@ class PruningPlan:
             raise ValueError(f"n2={self.n2} ({n2} tokens) exceeds n1={self.n1} ({n1} tokens)")
         return n1, n2
 
+    # ---- persistence -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A plain mapping (selectors as {"name": ..., **params}, calibrated values included)."""
+        return {
+            "stage1": None if self.selector is None else to_config(self.selector),
+            "n1": self.n1,
+            "stage2": None if self.scorer is None else to_config(self.scorer),
+            "n2": self.n2,
+            "layer": self.layer,
+        }
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> PruningPlan:
+        unknown = set(config) - {"stage1", "n1", "stage2", "n2", "layer"}
+        if unknown:
+            raise ValueError(f"unknown PruningPlan keys {sorted(unknown)}")
+        return cls(**config)
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as JSON (.json) or YAML (.yaml / .yml)."""
+        path = Path(path)
+        if path.suffix == ".json":
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        elif path.suffix in (".yaml", ".yml"):
+            OmegaConf.save(OmegaConf.create(self.to_dict()), path)
+        else:
+            raise ValueError(f"plan file {str(path)!r} must end in .json, .yaml or .yml")
+
+    @classmethod
+    def load(cls, path: str | Path) -> PruningPlan:
+        path = Path(path)
+        if path.suffix == ".json":
+            return cls.from_dict(json.loads(path.read_text()))
+        if path.suffix in (".yaml", ".yml"):
+            return cls.from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+        raise ValueError(f"plan file {str(path)!r} must end in .json, .yaml or .yml")
+
+    def components(self) -> list[tuple[int, Any]]:
+        """(stage, component) for every selector/scorer of the plan, wrapped ones included (outer first)."""
+        found = []
+        for stage, top in ((1, self.selector), (2, self.scorer)):
+            node = top
+            while node is not None:
+                found.append((stage, node))
+                node = getattr(node, "inner", None)
+        return found
+
     @contextlib.contextmanager
     def apply(self, model: nn.Module) -> Iterator[PrunedVLM]:
         """Make `model(...)` and `model.generate(...)` prune while the context is open."""
@@ -117,6 +169,7 @@ class _Stage2State:
     spliced: Spliced
     n2: int
     per_row: int
+    query_end: torch.Tensor | None = None
     captured: tuple | None = None  # (hidden_states, position_embeddings) at the input of layer K-1
     rows: torch.Tensor | None = None  # (B, L2) surviving rows of the spliced sequence
 
@@ -138,6 +191,8 @@ class PrunedVLM(nn.Module):
         self.adapter: VLMAdapter = get_adapter(model)
         self.selector = plan.selector  # registered as a submodule when it is one (learned heads)
         self.scorer = plan.scorer
+        if hasattr(self.selector, "check_compatible"):
+            self.selector.check_compatible(self.adapter)
         self.layer = None
         if plan.scorer is not None:
             n_layers = self.adapter.num_layers
@@ -148,20 +203,30 @@ class PrunedVLM(nn.Module):
             impl = getattr(model.config.get_text_config(), "_attn_implementation", None)
             if impl == "flex_attention":
                 raise ValueError("stage-2 pruning does not support attn_implementation='flex_attention'")
+        self.observers: dict[int, list] = {1: [], 2: []}  # calibration: components fed every batch's inputs
         self.last_kept: dict[str, torch.Tensor] = {}
         self.last_stage2_scores: torch.Tensor | None = None
+        self.last_aux_loss: torch.Tensor | None = None
         self.last_positions: torch.Tensor | None = None
 
     # ---- public API ------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                image_sizes=None, labels=None, **kwargs):
+                image_sizes=None, labels=None, prompt_end=None, **kwargs):
+        """`prompt_end` (B,): index of the last prompt token when the sequence also holds the answer (training),
+        so stage 2 scores from the prompt alone."""
         if self.plan.is_noop or pixel_values is None:
             return self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                               position_ids=position_ids, labels=labels, **kwargs)
         spliced, n2, per_row = self.prepare(input_ids, pixel_values, attention_mask, position_ids, image_sizes,
                                             for_generation=False)
-        with self._stage2(spliced, n2, per_row) as state:
-            out = self.model(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+        mask = spliced.attention_mask
+        if spliced.key_bias is not None:  # soft-mask training: visual keys weighted by the head's probabilities
+            mask = additive_attention_mask(spliced.attention_mask, spliced.key_bias, spliced.inputs_embeds.dtype)
+        query_end = None
+        if prompt_end is not None:
+            query_end = (spliced.positions <= prompt_end.view(-1, 1)).sum(dim=1) - 1
+        with self._stage2(spliced, n2, per_row, query_end) as state:
+            out = self.model(inputs_embeds=spliced.inputs_embeds, attention_mask=mask,
                              position_ids=spliced.position_ids, **kwargs)
         rows = state.rows if state is not None else None
         self.last_positions = spliced.positions if rows is None else spliced.positions.gather(1, rows)
@@ -208,26 +273,44 @@ class PrunedVLM(nn.Module):
             position_ids = self.adapter.default_position_ids(input_ids, attention_mask, for_generation)
         tokens = self.encode(pixel_values, image_sizes)
         n1, n2 = self.plan.budgets(tokens.num_tokens)
-        keep1 = self.select_stage1(tokens, n1)
+        self.last_aux_loss = None
+        selection = self.select_stage1(tokens, n1)
+        keep1 = selection.keep
+        if selection.scale is not None:  # straight-through: value 1, gradient to the head
+            scale = torch.ones(tokens.feats.shape[:2], dtype=selection.scale.dtype, device=keep1.device)
+            tokens = replace(tokens, feats=tokens.feats * scale.scatter(1, keep1, selection.scale).unsqueeze(-1)
+                             .to(tokens.feats.dtype))
+        self.last_aux_loss = selection.aux_loss
         self.last_kept = {"stage1": keep1}
         spliced = self.adapter.splice(input_ids, attention_mask, position_ids, tokens, keep1)
+        if selection.key_bias is not None:
+            bias = torch.zeros(spliced.attention_mask.shape, dtype=selection.key_bias.dtype, device=keep1.device)
+            per_row_bias = selection.key_bias.gather(1, keep1).reshape(bias.shape[0], -1)
+            spliced.key_bias = bias.scatter(1, spliced.vision_slots, per_row_bias)
         return spliced, n2, n_images // input_ids.shape[0]
 
     def encode(self, pixel_values: torch.Tensor, image_sizes=None) -> VisionTokens:
         return self.adapter.encode(pixel_values, image_sizes)
 
-    def select_stage1(self, tokens: VisionTokens, n1: int) -> torch.Tensor:
+    def select_stage1(self, tokens: VisionTokens, n1: int) -> TrainSelection:
+        for observer in self.observers[1]:
+            observer.observe(tokens)
         if self.selector is None:
-            return torch.arange(tokens.num_tokens, device=tokens.feats.device).expand(tokens.batch_size, -1)
-        return self.selector.select(tokens, n1)
+            keep = torch.arange(tokens.num_tokens, device=tokens.feats.device).expand(tokens.batch_size, -1)
+            return TrainSelection(keep=keep)
+        trainable = getattr(self.selector, "train_select", None)
+        if trainable is not None and self.selector.training and torch.is_grad_enabled():
+            return trainable(tokens, n1)
+        return TrainSelection(keep=self.selector.select(tokens, n1))
 
     # ---- stage 2 ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _stage2(self, spliced: Spliced, n2: int | None, per_row: int) -> Iterator[_Stage2State | None]:
+    def _stage2(self, spliced: Spliced, n2: int | None, per_row: int, query_end: torch.Tensor | None = None
+                ) -> Iterator[_Stage2State | None]:
         if self.scorer is None:
             yield None
             return
-        state = _Stage2State(spliced=spliced, n2=n2, per_row=per_row)
+        state = _Stage2State(spliced=spliced, n2=n2, per_row=per_row, query_end=query_end)
         layers = self.adapter.language_layers()
         k = self.layer
         handles = [layers[k - 1].register_forward_pre_hook(self._capture_hook(state), with_kwargs=True)]
@@ -274,8 +357,11 @@ class PrunedVLM(nn.Module):
         budget = state.n2 * state.per_row
         ctx = Stage2Context(logits_fn=logits_fn, attention_mask=sp.attention_mask, vision_slots=sp.vision_slots,
                             vision_index=sp.vision_index, vision_valid=sp.vision_valid,
-                            vision_hidden=gather_last(hidden, sp.vision_slots), budget=budget)
+                            vision_hidden=gather_last(hidden, sp.vision_slots), budget=budget,
+                            query_end=state.query_end)
         with torch.no_grad():
+            for observer in self.observers[2]:
+                observer.observe(ctx)
             scores = self.scorer.score(ctx)
         keep = topk_keep(scores, budget, sp.vision_valid)  # (B, M2) into the M1 visual tokens
         self.last_kept["stage2"] = sp.vision_index.gather(1, keep)
@@ -284,6 +370,16 @@ class PrunedVLM(nn.Module):
         drop.scatter_(1, sp.vision_slots, True)
         drop.scatter_(1, sp.vision_slots.gather(1, keep), False)
         return (~drop).nonzero()[:, 1].view(drop.shape[0], -1)
+
+
+def additive_attention_mask(mask: torch.Tensor, key_bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, L, L) additive mask: causal + padding as the dtype's minimum, plus a per-key bias (B, L)."""
+    length = mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    allowed = causal.unsqueeze(0) & mask.bool().unsqueeze(1)
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+    additive = additive.masked_fill(~allowed, torch.finfo(dtype).min)
+    return (additive + key_bias.to(dtype).unsqueeze(1)).unsqueeze(1)
 
 
 def _replace_hidden(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:

@@ -27,7 +27,11 @@ class Registry:
         return self._entries[name]
 
     def build(self, name: str, **params: Any):
-        return self.get(name)(**params)
+        """An instance from parameters; classes with a `from_config` classmethod (e.g. learned heads that load
+        weights from a path) build through it."""
+        cls = self.get(name)
+        factory = getattr(cls, "from_config", None)
+        return factory(**params) if factory is not None else cls(**params)
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -57,3 +57,24 @@ def batch(processor):
     inputs = processor(images=images, text=PROMPTS, return_tensors="pt", padding=True)
     inputs["image_sizes"] = torch.tensor([[im.height, im.width] for im in images])
     return inputs
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory):
+    """A tiny random LLaVA saved with its processor, plus LLaVA-JSON train/val/test splits (data.tiny)."""
+    from data.tiny import write_tiny_workspace
+
+    return write_tiny_workspace(tmp_path_factory.mktemp("tiny"), n_train=32, n_eval=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_batch(tiny_workspace):
+    """A fixed training batch (prompt + answer, labels on the answer) from the tiny workspace."""
+    from transformers import AutoProcessor
+
+    from data.collate import LlavaCollator
+    from data.llava_json import LlavaJsonDataset
+
+    processor = AutoProcessor.from_pretrained(tiny_workspace / "model")
+    dataset = LlavaJsonDataset(tiny_workspace / "train.json", tiny_workspace / "images", processor)
+    return LlavaCollator(processor)([dataset[i] for i in range(4)])

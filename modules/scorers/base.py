@@ -31,6 +31,8 @@ class Stage2Context:
     vision_valid:   (B, M) bool, False for padding tokens.
     vision_hidden:  (B, M, D) hidden states of the visual tokens at the input of layer K-1.
     budget:         how many of the M tokens per row will be kept (for budget-aware scorers).
+    query_end:      (B,) position of the last prompt token (default: the last position), so that training on
+                    prompt + answer scores from the prompt alone.
     """
 
     logits_fn: Callable[[torch.Tensor], torch.Tensor]
@@ -40,6 +42,7 @@ class Stage2Context:
     vision_valid: torch.Tensor
     vision_hidden: torch.Tensor
     budget: int
+    query_end: torch.Tensor | None = None
 
     def query_rows(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Q) query positions and (B, Q) weights that sum to 1 per row.
@@ -48,15 +51,15 @@ class Stage2Context:
         """
         bsz, length = self.attention_mask.shape
         device = self.attention_mask.device
+        end = self.query_end if self.query_end is not None else torch.full((bsz,), length - 1, device=device)
         if query == "last":
-            return (torch.full((bsz, 1), length - 1, device=device),
-                    torch.ones(bsz, 1, device=device))
+            return end.view(bsz, 1), torch.ones(bsz, 1, device=device)
         if query != "text":
             raise ValueError(f"unknown stage-2 query mode {query!r}; use one of {QUERY_MODES}")
-        after = length - 1 - self.vision_slots.max(dim=1).values  # text tokens after the image, per row
-        width = int(after.max().clamp(min=1))
-        index = torch.arange(length - width, length, device=device).expand(bsz, -1)
-        weight = (index > self.vision_slots.max(dim=1, keepdim=True).values).float()
+        image_end = self.vision_slots.max(dim=1).values
+        width = int((end - image_end).max().clamp(min=1))  # text tokens after the image, at most
+        index = (end.view(bsz, 1) - width + 1 + torch.arange(width, device=device)).clamp(min=0)
+        weight = (index > image_end.view(bsz, 1)).float()
         weight = weight * self.attention_mask.gather(1, index).float()
         if bool((weight.sum(dim=1) == 0).any()):
             weight = torch.zeros_like(weight)

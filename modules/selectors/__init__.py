@@ -12,6 +12,11 @@ from modules.selectors.base import SELECTORS, Calibrated, ScoreSelector, Selecto
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-DEFAULT_SELECTORS: list[Selector] = [SELECTORS.build(name) for name in SELECTORS.names()]
+import modules.head  # noqa: E402,F401 - registers the learned head ("learned")
+
+# Heads need a model's dims and trained weights: they have no default instance and get their own tests.
+DEFAULT_SELECTORS: list[Selector] = [
+    SELECTORS.build(name) for name in SELECTORS.names() if not getattr(SELECTORS.get(name), "needs_weights", False)
+]
 
 __all__ = ["DEFAULT_SELECTORS", "SELECTORS", "Calibrated", "ScoreSelector", "Selector", "get_selector"]

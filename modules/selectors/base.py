@@ -52,8 +52,8 @@ class Calibrated(ABC):
     """Mixin for components with values fitted on data (a trend, a dataset mean, a prior).
 
     `calibrate(...)` in `modules.calibrate` calls `start_calibration()`, then `observe(x)` on every batch (x is the
-    `VisionTokens` of stage 1 or the `Stage2Context` of stage 2) and finally `finish_calibration()`, which stores
-    the fitted values in dataclass fields so they are saved with the plan.
+    `VisionTokens` of stage 1 or the `Stage2Context` of stage 2) and finally `finish_calibration()`, which
+    (through `fit_calibration`) stores the fitted values in dataclass fields so they are saved with the plan.
     """
 
     def start_calibration(self) -> None:
@@ -70,10 +70,10 @@ class Calibrated(ABC):
         observations, self._observations = self._observations, []
         if not observations:
             raise ValueError(f"{type(self).__name__}: calibration saw no batches")
-        self.fit(observations)
+        self.fit_calibration(observations)
 
     @abstractmethod
-    def fit(self, observations: list) -> None:
+    def fit_calibration(self, observations: list) -> None:
         """Set the calibrated fields from the per-batch statistics."""
 
 

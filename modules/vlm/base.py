@@ -83,6 +83,7 @@ class Spliced:
     vision_slots:   (B, M1) where the kept visual tokens sit in the spliced sequence.
     vision_index:   (B, M1) index of each kept visual token among the row's M visual tokens (all its images).
     vision_valid:   (B, M1) bool, False for padding tokens.
+    key_bias:       (B, L1) additive attention bias per key (soft-mask training), or None.
     """
 
     inputs_embeds: torch.Tensor
@@ -92,6 +93,7 @@ class Spliced:
     vision_slots: torch.Tensor
     vision_index: torch.Tensor
     vision_valid: torch.Tensor
+    key_bias: torch.Tensor | None = None
 
 
 def gather_last(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -127,6 +129,11 @@ class VLMAdapter(ABC):
     @abstractmethod
     def num_image_tokens(self) -> int:
         """N: visual tokens per image."""
+
+    @property
+    @abstractmethod
+    def feature_dims(self) -> dict[str, int]:
+        """{"pre": vision feature dim before the projector, "post": dim after it (the LM width)}."""
 
     @abstractmethod
     def language_layers(self) -> nn.ModuleList:

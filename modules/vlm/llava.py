@@ -36,6 +36,11 @@ class LlavaAdapter(VLMAdapter):
     def num_image_tokens(self) -> int:
         return self.patch_grid**2 + 1 - self._drop_cls
 
+    @property
+    def feature_dims(self) -> dict[str, int]:
+        return {"pre": self.config.vision_config.hidden_size * len(self._feature_layers()),
+                "post": self.config.text_config.hidden_size}
+
     def language_layers(self) -> nn.ModuleList:
         return self.language_model.layers
 

@@ -1,0 +1,327 @@
+"""Train a pruning head by distillation from the unpruned VLM (same frozen weights as teacher and student).
+
+batch -> teacher: frozen VLM, all visual tokens, no grad          -> logits at the answer positions
+      -> student: head -> differentiable top-k -> splice -> (stage 2) -> logits at the same positions
+loss = T^2 * KL(teacher || student at temperature T)  (+ hidden MSE, + answer CE, + soft-mask budget term)
+
+Only the head (and, for domain fine-tuning, LoRA adapters of the language model) receive gradients. With LoRA,
+the teacher runs with the adapters disabled, so it stays the original model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.config import to_config
+from modules.head import PrunerConfig, PrunerHead
+from modules.metrics import distill_metrics
+from modules.pruned_vlm import PrunedVLM, PruningPlan
+from modules.vlm import get_adapter
+
+MODEL_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_sizes")
+DEFAULT_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+
+
+def load_vlm(model: str | None, model_config: dict | None, attn_implementation: str, dtype: str | None
+             ) -> nn.Module:
+    """A transformers VLM from a path or hub id (`from_pretrained`), or randomly initialised from a config dict."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    if (model is None) == (model_config is None):
+        raise ValueError("give exactly one of model (a path or hub id) and model_config (a config mapping)")
+    if model is not None:
+        return AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype,
+                                                           attn_implementation=attn_implementation)
+    config = dict(model_config)
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"model_config needs a 'model_type' key, got keys {sorted(model_config)}")
+    cfg = AutoConfig.for_model(model_type, **config)
+    cfg._attn_implementation = attn_implementation
+    return AutoModelForImageTextToText.from_config(cfg, dtype=torch_dtype)
+
+
+class DistillPruner(L.LightningModule):
+    """LightningModule that trains a `PrunerHead` (stage 1) by distillation, optionally with stage 2 active.
+
+    Args:
+        model: path or hub id of the VLM (loaded with `from_pretrained`); or
+        model_config: a config mapping with `model_type` (random weights; tests and toy runs).
+        n1, n2: stage-1 / stage-2 budgets (int count or float ratio of N); n2 None = no stage 2 in training.
+        stage2: stage-2 scorer (name or {"name": ..., ...}); layer: its decoder layer K (default L // 2).
+        head: PrunerConfig fields (features, d_model, depth, heads, mode, tau).
+        init_head: a released head directory to start from (domain fine-tuning).
+        lora: {"r": 8, "alpha": 16, "dropout": 0.0, "target": regex} adds LoRA to the language model.
+        kl_temperature, hidden_mse_weight, ce_weight, budget_weight: loss terms.
+        tau_start, tau_end: Gumbel noise scale of the straight-through top-k, annealed linearly.
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up and cosine decay.
+        gradient_checkpointing: recompute the language model's activations in the backward pass.
+        attn_implementation, dtype: how the VLM is loaded ("sdpa", "bfloat16", ...).
+        seed: drives the Gumbel noise per (step, rank), so a resumed run continues exactly.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        n1: int | float = 0.25,
+        n2: int | float | None = None,
+        stage2: str | dict[str, Any] | None = "fastv",
+        layer: int | None = None,
+        head: dict[str, Any] | None = None,
+        init_head: str | None = None,
+        lora: dict[str, Any] | None = None,
+        kl_temperature: float = 1.0,
+        hidden_mse_weight: float = 0.0,
+        ce_weight: float = 0.0,
+        budget_weight: float = 1.0,
+        tau_start: float = 1.0,
+        tau_end: float = 0.05,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str = "sdpa",
+        dtype: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if kl_temperature <= 0:
+            raise ValueError(f"kl_temperature={kl_temperature} must be positive")
+        self.pruned: PrunedVLM | None = None
+        self.strict_loading = False  # checkpoints hold the trainable weights only
+        self.train_metrics = distill_metrics("train")
+        self.val_metrics = distill_metrics("val")
+        self.test_metrics = distill_metrics("test")
+        self._peft_model = None
+
+    # ---- construction ------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.pruned is not None:
+            return
+        hp = self.hparams
+        vlm = load_vlm(hp.model, hp.model_config, hp.attn_implementation, hp.dtype)
+        vlm.requires_grad_(False)
+        if hp.gradient_checkpointing:
+            vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        adapter = get_adapter(vlm)
+        if hp.init_head is not None:
+            head = PrunerHead.from_pretrained(hp.init_head)
+            head.check_compatible(adapter)
+        else:
+            head = PrunerHead.for_model(adapter, **(hp.head or {}))
+        if hp.lora is not None:
+            vlm = self._add_lora(vlm, hp.lora)
+        head.train()
+        plan = PruningPlan(stage1=head, n1=hp.n1, stage2=hp.stage2 if hp.n2 is not None else None, n2=hp.n2,
+                           layer=hp.layer if hp.n2 is not None else None)
+        self.pruned = PrunedVLM(vlm, plan)
+        cfg = head.config
+        cfg.n1, cfg.n2, cfg.layer = hp.n1, hp.n2, self.pruned.layer
+        cfg.stage2 = None if plan.scorer is None else to_config(plan.scorer)
+
+    def _add_lora(self, vlm: nn.Module, lora: dict[str, Any]) -> nn.Module:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        unknown = set(lora) - {"r", "alpha", "dropout", "target"}
+        if unknown:
+            raise ValueError(f"unknown lora keys {sorted(unknown)}; use r, alpha, dropout, target")
+        config = LoraConfig(r=lora.get("r", 8), lora_alpha=lora.get("alpha", 16),
+                            lora_dropout=lora.get("dropout", 0.0),
+                            target_modules=lora.get("target", DEFAULT_LORA_TARGET))
+        self.lora_config = config
+        return inject_adapter_in_model(config, vlm)
+
+    @property
+    def head(self) -> PrunerHead:
+        return self.pruned.selector
+
+    @property
+    def vlm(self) -> nn.Module:
+        return self.pruned.model
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ---- the losses ------------------------------------------------------------------------------------------
+    def _teacher(self, batch: dict[str, torch.Tensor], want_hidden: bool):
+        inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask")}
+        with torch.no_grad(), self._adapters_disabled():
+            return self.vlm(**inputs, output_hidden_states=want_hidden)
+
+    def _adapters_disabled(self):
+        import contextlib
+
+        if self.hparams.lora is None:
+            return contextlib.nullcontext()
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        @contextlib.contextmanager
+        def disabled():
+            layers = [m for m in self.vlm.modules() if isinstance(m, BaseTunerLayer)]
+            for m in layers:
+                m.enable_adapters(False)
+            try:
+                yield
+            finally:
+                for m in layers:
+                    m.enable_adapters(True)
+
+        return disabled()
+
+    def shared_step(self, batch: dict[str, torch.Tensor], metrics) -> torch.Tensor | None:
+        if "input_ids" not in batch:  # every sample of the batch was a bad record
+            return None
+        hp = self.hparams
+        labels = batch["labels"]
+        want_hidden = hp.hidden_mse_weight > 0
+        teacher = self._teacher(batch, want_hidden)
+        student = self.pruned(**{k: batch[k] for k in MODEL_INPUTS if k in batch},
+                              prompt_end=batch.get("prompt_end"), output_hidden_states=want_hidden)
+        positions = self.pruned.last_positions  # (B, L_out) original index of each student row
+        # row p predicts the label at p + 1; answers are text, so every predicting row survives pruning
+        next_labels = F.pad(labels[:, 1:], (0, 1), value=-100).gather(1, positions)
+        rows = next_labels != -100
+        if not bool(rows.any()):
+            raise ValueError("a batch has no answer tokens (labels are all -100)")
+        s_logits = student.logits[rows].float()
+        t_logits = teacher.logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, teacher.logits.shape[-1]))
+        t_logits = t_logits[rows].float()
+        temp = hp.kl_temperature
+        kl = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1), log_target=True,
+                      reduction="batchmean") * temp**2
+        loss = kl
+        if hp.hidden_mse_weight > 0:
+            t_hidden = teacher.hidden_states[-1].gather(
+                1, positions.unsqueeze(-1).expand(-1, -1, teacher.hidden_states[-1].shape[-1]))
+            loss = loss + hp.hidden_mse_weight * F.mse_loss(student.hidden_states[-1][rows].float(),
+                                                            t_hidden[rows].float())
+        if hp.ce_weight > 0:
+            loss = loss + hp.ce_weight * F.cross_entropy(s_logits, next_labels[rows])
+        if self.pruned.last_aux_loss is not None:
+            loss = loss + hp.budget_weight * self.pruned.last_aux_loss
+        n_tokens = self.pruned.adapter.num_image_tokens
+        n1, n2 = self.pruned.plan.budgets(n_tokens)
+        metrics["teacher_agreement"].update(s_logits.argmax(-1), t_logits.argmax(-1))
+        metrics["accuracy"].update(s_logits.argmax(-1), next_labels[rows])
+        metrics["teacher_accuracy"].update(t_logits.argmax(-1), next_labels[rows])
+        metrics["kl"].update(kl.detach())
+        metrics["kept_ratio"].update(torch.tensor(self.effective_tokens(n1, n2) / n_tokens))
+        return loss
+
+    def effective_tokens(self, n1: int, n2: int | None) -> float:
+        """FLOPs-equivalent visual tokens per layer: (K * n1 + (L - K) * n2) / L."""
+        if n2 is None:
+            return float(n1)
+        layers, k = self.pruned.adapter.num_layers, self.pruned.layer
+        return (k * n1 + (layers - k) * n2) / layers
+
+    # ---- Lightning hooks -----------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        total = max(1, self.trainer.estimated_stepping_batches)
+        progress = min(1.0, self.global_step / total)
+        hp = self.hparams
+        self.head.tau = hp.tau_end + (hp.tau_start - hp.tau_end) * (1 - progress)
+        self.head.noise_seed = hp.seed * 1_000_003 + self.global_step * 1009 + self.global_rank
+
+    def training_step(self, batch, batch_idx):
+        loss = self.shared_step(batch, self.train_metrics)
+        if loss is None:
+            return None
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/tau", self.head.tau, batch_size=batch["input_ids"].shape[0])
+        self.log_dict(self.train_metrics, on_step=True, on_epoch=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.shared_step(batch, self.val_metrics)
+        if loss is not None:
+            self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+            self.log_dict(self.val_metrics, batch_size=batch["input_ids"].shape[0])
+
+    def test_step(self, batch, batch_idx):
+        loss = self.shared_step(batch, self.test_metrics)
+        if loss is not None:
+            self.log("test/loss", loss, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+            self.log_dict(self.test_metrics, batch_size=batch["input_ids"].shape[0])
+
+    def predict_step(self, batch, batch_idx):
+        """Teacher-forced predictions: kept visual tokens and the student's answer tokens per sample."""
+        if "input_ids" not in batch:
+            return []
+        out = self.pruned(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, prompt_end=batch.get("prompt_end"))
+        positions = self.pruned.last_positions
+        next_labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).gather(1, positions)
+        predicted = out.logits.argmax(-1)
+        return [{"kept": {k: v[i].tolist() for k, v in self.pruned.last_kept.items()},
+                 "predicted": predicted[i][next_labels[i] != -100].tolist(),
+                 "labels": next_labels[i][next_labels[i] != -100].tolist()}
+                for i in range(predicted.shape[0])]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("nothing to train: the head and LoRA adapters have no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(1, self.trainer.estimated_stepping_batches)
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = (step - hp.warmup_steps) / max(1, total - hp.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints: only what trains -------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["pruner_config"] = asdict(self.head.config)
+        if self.hparams.lora is not None:
+            checkpoint["lora_config"] = self.lora_config.to_dict()
+
+    def export_head(self, directory) -> None:
+        """Write the head (and LoRA adapters) as a pruner directory."""
+        export_pruner(directory, asdict(self.head.config),
+                      {k: v for k, v in self.state_dict().items()},
+                      self.lora_config.to_dict() if self.hparams.lora is not None else None)
+
+
+HEAD_PREFIX = "pruned.selector."
+
+
+def export_pruner(directory, pruner_config: dict[str, Any], state_dict: dict[str, torch.Tensor],
+                  lora_config: dict[str, Any] | None = None):
+    """Write a pruner directory from a training state dict: the head, and `adapter/` for LoRA weights."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    head_state = {k[len(HEAD_PREFIX):]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)}
+    if not head_state:
+        raise ValueError(f"the checkpoint holds no head weights (no keys starting with {HEAD_PREFIX!r})")
+    head = PrunerHead(PrunerConfig(**pruner_config))
+    head.load_state_dict(head_state)
+    directory = head.save_pretrained(directory)
+    lora_state = {k[len("pruned.model."):]: v.detach().cpu().contiguous() for k, v in state_dict.items()
+                  if "lora_" in k and k.startswith("pruned.model.")}
+    if lora_config is not None and lora_state:
+        adapter_dir = Path(directory) / "adapter"
+        adapter_dir.mkdir(exist_ok=True)
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_config.items()}
+        (adapter_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        save_file(lora_state, str(adapter_dir / "adapter_model.safetensors"))
+    return directory

@@ -1,0 +1,38 @@
+"""Distillation metrics as torchmetrics, so they reduce correctly across processes and epochs."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import MeanMetric, Metric, MetricCollection
+
+
+class AnswerAgreement(Metric):
+    """Fraction of answer tokens where the student's top-1 equals a reference (teacher top-1 or the label)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("hits", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, predicted: torch.Tensor, reference: torch.Tensor) -> None:
+        self.hits += (predicted == reference).sum().float()
+        self.total += reference.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.hits / self.total.clamp(min=1)
+
+
+def distill_metrics(prefix: str) -> MetricCollection:
+    """teacher_agreement, accuracy, teacher_accuracy, kl and kept_ratio, named `{prefix}/...`."""
+    return MetricCollection(
+        {
+            "teacher_agreement": AnswerAgreement(),
+            "accuracy": AnswerAgreement(),
+            "teacher_accuracy": AnswerAgreement(),
+            "kl": MeanMetric(),
+            "kept_ratio": MeanMetric(),
+        },
+        prefix=f"{prefix}/",
+    )

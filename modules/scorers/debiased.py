@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modules.scorers.base import SCORERS, Scorer, Stage2Context
+from modules.selectors.debiased import DebiasCore
+
+
+@SCORERS.register("debiased")
+@dataclass
+class DebiasedScorer(DebiasCore, Scorer):
+    """A stage-2 text-to-vision attention scorer (default: FastV) with attention debiasing (Zhao et al., 2025).
+
+    inner: the wrapped Scorer (name, {"name": ...} mapping or instance). Shapes: Stage2Context with M visual
+    tokens -> (B, M) debiased scores; positions are the tokens' indices among the N visual tokens
+    (ctx.vision_index), so the trend is fitted in the geometry of the full image whatever stage 1 kept.
+    Scorers that post-process an attention score (FinePruner's cluster allocation) expose `head_scores(ctx)` and
+    `combine(ctx, scores)`: the attention part is debiased, then combined as the method would.
+    """
+
+    inner: Any = "fastv"
+    padding: bool = True
+    positional: bool = True
+    fit: str = "dataset"
+    b: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inner, (str, dict)):
+            spec = {"name": self.inner} if isinstance(self.inner, str) else dict(self.inner)
+            self.inner = SCORERS.build(spec.pop("name"), **spec)
+        self._check()
+
+    def _raw(self, ctx: Stage2Context) -> torch.Tensor:
+        return self.inner.head_scores(ctx) if hasattr(self.inner, "head_scores") else self.inner.score(ctx)
+
+    def score(self, ctx: Stage2Context) -> torch.Tensor:
+        scores = self._debias(self._raw(ctx), ctx.vision_index, ctx.vision_valid)
+        return self.inner.combine(ctx, scores) if hasattr(self.inner, "combine") else scores
+
+    def statistic(self, ctx: Stage2Context):
+        n_positions = int(ctx.vision_index.max()) + 1
+        return self._statistic(self._raw(ctx), ctx.vision_index, ctx.vision_valid, n_positions)

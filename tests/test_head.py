@@ -1,0 +1,123 @@
+"""The learned head: selector properties, differentiable top-k, checkpoint round-trips and mismatch errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_selectors import check_keep, random_tokens
+
+from modules.head import CONFIG_NAME, PrunerHead
+from modules.pruned_vlm import PrunedVLM, PruningPlan
+from modules.selectors import get_selector
+from modules.vlm import get_adapter
+
+
+def small_head(in_dim=16, **kw) -> PrunerHead:
+    torch.manual_seed(0)
+    return PrunerHead(in_dim=in_dim, d_model=32, depth=1, heads=2, **kw).eval()
+
+
+@pytest.mark.parametrize("grid, batch", [((6, 6), 3), ((3, 7), 2), ((24, 24), 2)])
+@pytest.mark.parametrize("n", [1, 5, 0.25])
+def test_head_is_a_proper_selector(grid, batch, n):
+    tokens = random_tokens(batch=batch, grid=grid)
+    head = small_head()
+    count = n if isinstance(n, int) else int(n * tokens.num_tokens + 0.5)
+    keep = head.select(tokens, n)
+    check_keep(keep, tokens, count)
+    assert torch.equal(keep, head.select(tokens, n))
+
+
+def test_head_handles_budget_above_valid_count():
+    tokens = random_tokens(grid=(4, 4))
+    for n in (8, 12, 16):
+        check_keep(small_head().select(tokens, n), tokens, n)
+
+
+def test_head_bf16_and_post_features():
+    tokens = random_tokens(dtype=torch.bfloat16)
+    check_keep(small_head().select(tokens, 7), tokens, 7)
+    check_keep(small_head(in_dim=24, features="post").select(tokens, 7), tokens, 7)
+
+
+def test_straight_through_forward_is_hard_and_gradient_reaches_logits():
+    head = small_head().train()
+    tokens = random_tokens()
+    head.tau, head.noise_seed = 0.0, 0
+    sel = head.train_select(tokens, 6)
+    assert torch.equal(sel.keep, head.select(tokens, 6))  # no noise -> the inference selection
+    assert torch.allclose(sel.scale, torch.ones_like(sel.scale))
+    sel.scale.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.proj_out.parameters())
+
+
+def test_gumbel_noise_is_seeded():
+    head = small_head().train()
+    tokens = random_tokens()
+    head.tau = 5.0
+    head.noise_seed = 3
+    a = head.train_select(tokens, 6).keep
+    assert torch.equal(a, head.train_select(tokens, 6).keep)
+    head.noise_seed = 4
+    assert not torch.equal(a, head.train_select(tokens, 6).keep)
+
+
+def test_soft_mask_keeps_all_with_log_probability_bias():
+    head = small_head(mode="soft_mask").train()
+    tokens = random_tokens()
+    sel = head.train_select(tokens, 9)
+    assert sel.keep.shape == (3, 36) and sel.key_bias.shape == (3, 36)
+    p = torch.sigmoid(head.logits(tokens))
+    torch.testing.assert_close(sel.key_bias[tokens.valid], torch.log(p)[tokens.valid])
+    torch.testing.assert_close(sel.aux_loss, (p.mean(1) - 9 / 36).pow(2).mean())
+
+
+def test_save_load_gives_identical_selections(tmp_path, sdpa_model, batch):
+    adapter = get_adapter(sdpa_model)
+    torch.manual_seed(1)
+    head = PrunerHead.for_model(adapter, d_model=32, depth=1, heads=2).eval()
+    head.save_pretrained(tmp_path / "head")
+    loaded = PrunerHead.from_pretrained(tmp_path / "head")
+    tokens = adapter.encode(batch["pixel_values"], batch["image_sizes"])
+    assert torch.equal(head.select(tokens, 5), loaded.select(tokens, 5))
+    for key, value in head.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+    # by name in a plan, saved and reloaded
+    plan = PruningPlan(stage1={"name": "learned", "path": str(tmp_path / "head")}, n1=6, stage2="fastv", n2=3)
+    plan.save(tmp_path / "plan.yaml")
+    pruned = PrunedVLM(sdpa_model, PruningPlan.load(tmp_path / "plan.yaml"))
+    with torch.no_grad():
+        pruned(**batch)
+    assert torch.equal(pruned.last_kept["stage1"], head.select(tokens, 6))
+    assert get_selector("learned", path=str(tmp_path / "head")).config == head.config
+
+
+def test_head_for_another_model_fails_clearly(tmp_path, sdpa_model):
+    head = small_head(in_dim=1024)
+    with pytest.raises(ValueError, match="dim 1024.*dim 32"):
+        PrunedVLM(sdpa_model, PruningPlan(stage1=head, n1=4))
+    head.config.in_dim, head.config.model_type = 32, "qwen2_5_vl"
+    with pytest.raises(ValueError, match="'qwen2_5_vl'.*'llava'"):
+        PrunedVLM(sdpa_model, PruningPlan(stage1=head, n1=4))
+    head.config.model_type, head.config.num_tokens = "llava", 576
+    with pytest.raises(ValueError, match="N=576.*N=16"):
+        PrunedVLM(sdpa_model, PruningPlan(stage1=head, n1=4))
+
+
+def test_bad_checkpoints_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="is not a directory"):
+        PrunerHead.from_pretrained(tmp_path / "nothing")
+    small_head().save_pretrained(tmp_path / "h")
+    config = json.loads((tmp_path / "h" / CONFIG_NAME).read_text())
+    (tmp_path / "h" / CONFIG_NAME).write_text(json.dumps({**config, "d_model": 64, "heads": 4}))
+    with pytest.raises(ValueError, match="does not match"):
+        PrunerHead.from_pretrained(tmp_path / "h")
+    (tmp_path / "h" / CONFIG_NAME).write_text(json.dumps({**config, "colour": 1}))
+    with pytest.raises(ValueError, match="unknown keys \\['colour'\\]"):
+        PrunerHead.from_pretrained(tmp_path / "h")
+    with pytest.raises(ValueError, match="mode='hard'"):
+        PrunerHead(in_dim=8, mode="hard")
+    with pytest.raises(ValueError, match="save_pretrained"):
+        PruningPlan(stage1=small_head(), n1=4).save(tmp_path / "p.json")
