@@ -97,17 +97,16 @@ class DistillPruner(L.LightningModule):
         self.save_hyperparameters()
         if kl_temperature <= 0:
             raise ValueError(f"kl_temperature={kl_temperature} must be positive")
-        self.pruned: PrunedVLM | None = None
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self.train_metrics = distill_metrics("train")
         self.val_metrics = distill_metrics("val")
         self.test_metrics = distill_metrics("test")
-        self._peft_model = None
+        # Built here rather than in configure_model: under ZeRO-3 that hook runs inside deepspeed.zero.Init, where
+        # from_pretrained would load into already-partitioned parameters; DeepSpeed partitions these at setup.
+        self.pruned = self._build()
 
     # ---- construction ------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.pruned is not None:
-            return
+    def _build(self) -> PrunedVLM:
         hp = self.hparams
         vlm = load_vlm(hp.model, hp.model_config, hp.attn_implementation, hp.dtype)
         vlm.requires_grad_(False)
@@ -124,10 +123,11 @@ class DistillPruner(L.LightningModule):
         head.train()
         plan = PruningPlan(stage1=head, n1=hp.n1, stage2=hp.stage2 if hp.n2 is not None else None, n2=hp.n2,
                            layer=hp.layer if hp.n2 is not None else None)
-        self.pruned = PrunedVLM(vlm, plan)
+        pruned = PrunedVLM(vlm, plan)
         cfg = head.config
-        cfg.n1, cfg.n2, cfg.layer = hp.n1, hp.n2, self.pruned.layer
+        cfg.n1, cfg.n2, cfg.layer = hp.n1, hp.n2, pruned.layer
         cfg.stage2 = None if plan.scorer is None else to_config(plan.scorer)
+        return pruned
 
     def _add_lora(self, vlm: nn.Module, lora: dict[str, Any]) -> nn.Module:
         from peft import LoraConfig, inject_adapter_in_model
@@ -211,11 +211,12 @@ class DistillPruner(L.LightningModule):
             loss = loss + hp.budget_weight * self.pruned.last_aux_loss
         n_tokens = self.pruned.adapter.num_image_tokens
         n1, n2 = self.pruned.plan.budgets(n_tokens)
-        metrics["teacher_agreement"].update(s_logits.argmax(-1), t_logits.argmax(-1))
-        metrics["accuracy"].update(s_logits.argmax(-1), next_labels[rows])
-        metrics["teacher_accuracy"].update(t_logits.argmax(-1), next_labels[rows])
-        metrics["kl"].update(kl.detach())
-        metrics["kept_ratio"].update(torch.tensor(self.effective_tokens(n1, n2) / n_tokens))
+        # calling (not .update) keeps the batch value too, so the metrics log per step as well as per epoch
+        metrics["teacher_agreement"](s_logits.argmax(-1), t_logits.argmax(-1))
+        metrics["accuracy"](s_logits.argmax(-1), next_labels[rows])
+        metrics["teacher_accuracy"](t_logits.argmax(-1), next_labels[rows])
+        metrics["kl"](kl.detach())
+        metrics["kept_ratio"](torch.tensor(self.effective_tokens(n1, n2) / n_tokens))
         return loss
 
     def effective_tokens(self, n1: int, n2: int | None) -> float:

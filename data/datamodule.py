@@ -1,0 +1,175 @@
+"""LightningDataModule over LLaVA conversation JSON files.
+
+Skip accounting has two halves. Construction-time skips (malformed records, missing files, ...) live in each
+dataset's `init_skipped`. Load-time skips (unreadable images, too-long items) happen inside DataLoader workers,
+whose counters never reach the main process, so they travel in each batch as `batch["skipped"]` and are tallied
+here in `on_before_batch_transfer`, which Lightning runs in the main process for every batch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Sampler
+
+from data.collate import LlavaCollator
+from data.llava_json import LlavaJsonDataset, format_skips
+
+_STAGES = ("train", "validate", "test", "predict")
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch): Lightning calls `set_epoch`, so a run resumed from a
+    checkpoint sees exactly the order an uninterrupted run would have seen."""
+
+    def __init__(self, length: int, seed: int = 0):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class LlavaDataModule(LightningDataModule):
+    """Datasets are built lazily in `setup`; the processor is loaded from `processor` (a local path or hub id)
+    unless a LightningModule shares its own through `set_processor`.
+
+    Batches may be `{"skipped": k}` only, when every item of a batch was unreadable: skip those in the loop.
+    `predict` reads `predict_json`, falling back to `test_json`.
+    """
+
+    def __init__(
+        self,
+        image_root: str,
+        train_json: str | None = None,
+        val_json: str | None = None,
+        test_json: str | None = None,
+        predict_json: str | None = None,
+        processor: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        max_length: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size!r}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+        self.save_hyperparameters()
+        self.image_root = image_root
+        self.paths = {"train": train_json, "validate": val_json, "test": test_json,
+                      "predict": predict_json or test_json}
+        self.processor_path = processor
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.max_length = max_length
+        self.seed = seed
+        self._processor = None
+        self.datasets: dict[str, LlavaJsonDataset] = {}
+        # (stage, epoch) -> items dropped at load time, as reported by the collator.
+        self.runtime_skipped: Counter = Counter()
+
+    # -- processor ---------------------------------------------------------------------------------------------
+
+    def set_processor(self, processor) -> None:
+        """Use an already-built processor (e.g. the one the LightningModule loaded with its model)."""
+        self._processor = processor
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            if not self.processor_path:
+                raise ValueError("LlavaDataModule has no processor: pass `processor` (a path or hub id) "
+                                 "or call set_processor(...) before setup")
+            from transformers import AutoProcessor
+
+            self._processor = AutoProcessor.from_pretrained(self.processor_path)
+        return self._processor
+
+    # -- datasets ----------------------------------------------------------------------------------------------
+
+    def _dataset(self, stage: str) -> LlavaJsonDataset:
+        if stage not in self.datasets:
+            path = self.paths[stage]
+            if path is None:
+                names = {"train": "train_json", "validate": "val_json", "test": "test_json",
+                         "predict": "predict_json or test_json"}
+                raise ValueError(f"no data for stage {stage!r}: set {names[stage]}")
+            self.datasets[stage] = LlavaJsonDataset(path, self.image_root, self.processor, self.max_length)
+        return self.datasets[stage]
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "validate"), "validate": ("validate",), "test": ("test",),
+                  "predict": ("predict",), None: _STAGES}[stage]
+        for name in wanted:
+            # Validation is optional during fit; every other requested stage must have its file.
+            if self.paths[name] is not None or not (stage == "fit" and name == "validate"):
+                self._dataset(name)
+
+    def _loader(self, stage: str, shuffle: bool) -> DataLoader:
+        dataset = self._dataset(stage)
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
+        return DataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            collate_fn=LlavaCollator(self.processor, self.max_length),
+            persistent_workers=self.num_workers > 0, pin_memory=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.paths["validate"] is None:
+            return []
+        return self._loader("validate", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)
+
+    # -- skip accounting ---------------------------------------------------------------------------------------
+
+    def _current(self) -> tuple[str, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return "train", 0
+        stage = trainer.state.stage.value if trainer.state.stage is not None else "train"
+        return {"validate": "validate", "sanity_check": "sanity_check"}.get(stage, stage), trainer.current_epoch
+
+    def record_skipped(self, batch: dict, stage: str | None = None, epoch: int | None = None) -> None:
+        """Tally a batch's runtime skips; Lightning calls this through `on_before_batch_transfer`, a custom
+        loop can call it directly."""
+        if not isinstance(batch, dict) or not batch.get("skipped"):
+            return
+        cur_stage, cur_epoch = self._current()
+        self.runtime_skipped[(stage or cur_stage, cur_epoch if epoch is None else epoch)] += int(batch["skipped"])
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        self.record_skipped(batch)
+        return batch
+
+    def skip_summary(self, stage: str = "train", epoch: int | None = None) -> str:
+        """Init-time skips per kind plus load-time drops of `epoch` (default: the latest epoch seen), e.g.
+        "train: skipped 3 of 20 records: missing_image=1, malformed=1; dropped at load (epoch 0): 1"."""
+        if stage not in _STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {_STAGES}")
+        ds = self.datasets.get(stage)
+        init = format_skips(ds.init_skipped, ds.total) if ds is not None else "not set up"
+        per_epoch = defaultdict(int)
+        for (s, e), n in self.runtime_skipped.items():
+            if s == stage:
+                per_epoch[e] += n
+        if epoch is None:
+            epoch = max(per_epoch) if per_epoch else self._current()[1]
+        return f"{stage}: {init}; dropped at load (epoch {epoch}): {per_epoch.get(epoch, 0)}"
