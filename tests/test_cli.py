@@ -53,6 +53,7 @@ def head_prunes(head_dir: Path, workspace: Path) -> None:
 def test_print_config(tiny_workspace, tmp_path):
     proc = run_trainer(["fit", "--config", CONFIG, "--print_config"], tiny_workspace, tmp_path)
     assert f"model: {tiny_workspace}/model" in proc.stdout and "n1: 6" in proc.stdout
+    assert "class_path: modules.distill.DistillPruner" in proc.stdout
 
 
 def test_fit_export_load_prune(tiny_workspace, tmp_path):

@@ -24,7 +24,8 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 class PrunerCLI(LightningCLI):
-    """LightningCLI for DistillPruner + LlavaDataModule.
+    """LightningCLI over any LightningModule / LightningDataModule named by `class_path` in the config
+    (DistillPruner + LlavaDataModule for pruners; the ToyWorld teacher stages use their own).
 
     `trainer.strategy` accepts "ddp", "deepspeed_stage_2" and "deepspeed_stage_3": the DeepSpeed names use the
     presets in configs/deepspeed/ and run the real DeepSpeed engine on CPU too (gloo), so the same config works
@@ -49,16 +50,19 @@ class PrunerCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         dm, model = self.datamodule, self.model
-        if isinstance(dm, LlavaDataModule) and dm.processor_path is None and model.hparams.model is not None:
+        model_path = getattr(model, "hparams", {}).get("model") if isinstance(model, DistillPruner) else None
+        if isinstance(dm, LlavaDataModule) and dm.processor_path is None and model_path is not None:
             from transformers import AutoProcessor
 
-            dm.set_processor(AutoProcessor.from_pretrained(model.hparams.model))
+            dm.set_processor(AutoProcessor.from_pretrained(model_path))
 
 
 def run_cli(args: list[str] | None = None) -> PrunerCLI:
     return PrunerCLI(
-        DistillPruner,
-        LlavaDataModule,
+        None,
+        None,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [SkipSummary()]},

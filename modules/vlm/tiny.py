@@ -71,6 +71,7 @@ def tiny_llava_config(
     heads: int = 4,
     kv_heads: int = 2,
     attn_implementation: str = "sdpa",
+    vision_feature_layer: int = -2,
 ) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
@@ -82,7 +83,7 @@ def tiny_llava_config(
         max_position_embeddings=1024, pad_token_id=pad_token_id, tie_word_embeddings=False,
     )
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default",
                       tie_word_embeddings=False)
     cfg.pad_token_id = pad_token_id
     cfg._attn_implementation = attn_implementation
