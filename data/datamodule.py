@@ -173,3 +173,29 @@ class LlavaDataModule(LightningDataModule):
         if epoch is None:
             epoch = max(per_epoch) if per_epoch else self._current()[1]
         return f"{stage}: {init}; dropped at load (epoch {epoch}): {per_epoch.get(epoch, 0)}"
+
+
+class ToyWorldDataModule(LlavaDataModule):
+    """LlavaDataModule over ToyWorld splits written as LLaVA JSON + PNG files under `root` (written on first
+    use, so the real file-based data path is what pruners train on). The processor comes from the model."""
+
+    def __init__(self, root: str = "outputs/toyworld/data", n_train: int = 20_000, n_val: int = 500,
+                 n_test: int = 1000, processor: str | None = None, batch_size: int = 32, num_workers: int = 0,
+                 seed: int = 0):
+        from pathlib import Path
+
+        self.root = Path(root)
+        self.sizes = {"train": n_train, "val": n_val, "test": n_test}
+        super().__init__(image_root=str(self.root / "images"), train_json=str(self.root / "train.json"),
+                         val_json=str(self.root / "val.json"), test_json=str(self.root / "test.json"),
+                         processor=processor, batch_size=batch_size, num_workers=num_workers, seed=seed)
+
+    def prepare_data(self) -> None:
+        import json
+
+        from data import toyworld
+
+        for split, n in self.sizes.items():
+            path = self.root / f"{split}.json"
+            if not path.is_file() or len(json.loads(path.read_text())) < n:
+                toyworld.write_split(self.root, split, n)

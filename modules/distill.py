@@ -211,10 +211,13 @@ class DistillPruner(L.LightningModule):
             loss = loss + hp.budget_weight * self.pruned.last_aux_loss
         n_tokens = self.pruned.adapter.num_image_tokens
         n1, n2 = self.pruned.plan.budgets(n_tokens)
+        # answers are judged on their first token (the one the prompt alone predicts), agreement on every token;
         # calling (not .update) keeps the batch value too, so the metrics log per step as well as per epoch
+        first = rows & (rows.cumsum(dim=1) == 1)
+        first_in_rows = first[rows]
         metrics["teacher_agreement"](s_logits.argmax(-1), t_logits.argmax(-1))
-        metrics["accuracy"](s_logits.argmax(-1), next_labels[rows])
-        metrics["teacher_accuracy"](t_logits.argmax(-1), next_labels[rows])
+        metrics["accuracy"](s_logits[first_in_rows].argmax(-1), next_labels[first])
+        metrics["teacher_accuracy"](t_logits[first_in_rows].argmax(-1), next_labels[first])
         metrics["kl"](kl.detach())
         metrics["kept_ratio"](torch.tensor(self.effective_tokens(n1, n2) / n_tokens))
         return loss
@@ -267,6 +270,21 @@ class DistillPruner(L.LightningModule):
                  "predicted": predicted[i][next_labels[i] != -100].tolist(),
                  "labels": next_labels[i][next_labels[i] != -100].tolist()}
                 for i in range(predicted.shape[0])]
+
+    @torch.no_grad()
+    def evaluate(self, loader, max_batches: int | None = None) -> dict[str, float]:
+        """Metrics of the current head (inference-mode selection) over a dataloader, outside the Trainer loop."""
+        was_training = self.training
+        self.eval()
+        metrics = distill_metrics("eval").to(self.device)
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            self.shared_step(batch, metrics)
+        values = {k.split("/", 1)[1]: float(v) for k, v in metrics.compute().items()}
+        self.train(was_training)
+        return values
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -233,3 +233,25 @@ class PrunerHead(nn.Module, ScoreSelector):
         return PruningPlan(stage1=self, n1=cfg.n1 if cfg.n1 is not None else 0.25, stage2=cfg.stage2,
                            n2=cfg.n2 if cfg.stage2 is not None else None,
                            layer=cfg.layer if cfg.stage2 is not None else None)
+
+
+def load_pruned(model: nn.Module, path: str | Path):
+    """A `PrunedVLM` serving `model` with a released pruner: the head, the plan it was trained for, and the LoRA
+    adapters of the language model when the directory has `adapter/` (domain fine-tuned pruners)."""
+    from modules.pruned_vlm import PrunedVLM
+
+    head = PrunerHead.from_pretrained(path)
+    adapter_dir = Path(head.source) / "adapter"
+    if adapter_dir.is_dir():
+        from peft import LoraConfig, inject_adapter_in_model
+
+        raw = json.loads((adapter_dir / "adapter_config.json").read_text())
+        fields = LoraConfig.__dataclass_fields__
+        config = LoraConfig(**{k: v for k, v in raw.items() if k in fields and fields[k].init})
+        inject_adapter_in_model(config, model)
+        state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        missing = [k for k in state if k not in dict(model.named_parameters())]
+        if missing:
+            raise ValueError(f"{adapter_dir} holds LoRA weights this model has no place for, e.g. {missing[:3]}")
+        model.load_state_dict(state, strict=False)
+    return PrunedVLM(model, head.plan())

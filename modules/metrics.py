@@ -25,7 +25,9 @@ class AnswerAgreement(Metric):
 
 
 def distill_metrics(prefix: str) -> MetricCollection:
-    """teacher_agreement, accuracy, teacher_accuracy, kl and kept_ratio, named `{prefix}/...`."""
+    """Named `{prefix}/...`: teacher_agreement (student top-1 == teacher top-1 over all answer tokens), accuracy
+    and teacher_accuracy (first answer token == label, i.e. what the prompt alone predicts), kl, kept_ratio
+    (FLOPs-equivalent visual tokens per layer / N)."""
     return MetricCollection(
         {
             "teacher_agreement": AnswerAgreement(),

@@ -88,3 +88,29 @@ def test_bad_arguments(tiny_workspace):
         DistillPruner(model=str(tiny_workspace / "model"), kl_temperature=0)
     with pytest.raises(ValueError, match="unknown lora keys \\['rank'\\]"):
         DistillPruner(model=str(tiny_workspace / "model"), lora={"rank": 4})
+
+
+def test_lora_pruner_exports_and_serves_identically(tiny_workspace, tiny_batch, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from modules.head import load_pruned
+
+    module = make_module(tiny_workspace, n2=2, layer=2, lora={"r": 4}, ce_weight=1.0)
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-2)
+    for _ in range(2):
+        module.shared_step(tiny_batch, module.train_metrics).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    module.export_head(tmp_path / "pruner")
+    assert (tmp_path / "pruner" / "adapter" / "adapter_model.safetensors").is_file()
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_workspace / "model").eval()
+    model.model.multi_modal_projector.linear_2.weight.data *= 8  # as make_module did to the training copy
+    served = load_pruned(model, tmp_path / "pruner")
+    inputs = {k: tiny_batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "image_sizes")}
+    module.eval()
+    with torch.no_grad():
+        expected = module.pruned(**inputs).logits
+        got = served(**inputs).logits
+    assert torch.equal(served.last_kept["stage1"], module.pruned.last_kept["stage1"])
+    torch.testing.assert_close(got, expected)

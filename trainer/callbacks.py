@@ -23,3 +23,29 @@ class SkipSummary(L.Callback):
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self._report(trainer, "test")
+
+
+class ReportAccuracy(L.Callback):
+    """At the end of `fit`: accuracy of the unpruned teacher vs the pruned student on the validation split, and
+    optionally the head exported as a pruner directory. Works with `modules.distill.DistillPruner`."""
+
+    def __init__(self, export_dir: str | None = None, max_batches: int | None = None):
+        self.export_dir = export_dir
+        self.max_batches = max_batches
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.datamodule is None or not trainer.is_global_zero:
+            return
+        values = pl_module.evaluate(trainer.datamodule.val_dataloader(), self.max_batches)
+        n_tokens = pl_module.pruned.adapter.num_image_tokens
+        kept = values["kept_ratio"] * n_tokens
+        rank_zero_info(
+            f"\nValidation answer accuracy -- unpruned ({n_tokens} visual tokens): "
+            f"{100 * values['teacher_accuracy']:.1f}% | pruned ({kept:.1f} tokens per layer, "
+            f"{100 * values['kept_ratio']:.1f}%): {100 * values['accuracy']:.1f}% "
+            f"(= {100 * values['accuracy'] / max(values['teacher_accuracy'], 1e-9):.1f}% of the teacher); "
+            f"teacher agreement {100 * values['teacher_agreement']:.1f}%, KL {values['kl']:.4f}"
+        )
+        if self.export_dir is not None:
+            pl_module.export_head(self.export_dir)
+            rank_zero_info(f"pruner head written to {self.export_dir}")
