@@ -11,25 +11,14 @@ bound. Prints a markdown table; numbers, not assertions.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from efficiency import timed  # bench/ is on sys.path when this script runs
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from modules.selectors import DEFAULT_SELECTORS
 from modules.vlm import VisionTokens
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def prefill_layer_seconds(seq_len: int, repeats: int) -> float:
@@ -41,7 +30,7 @@ def prefill_layer_seconds(seq_len: int, repeats: int) -> float:
     pos = torch.arange(seq_len).unsqueeze(0)
     cos_sin = rope(x, pos)
     with torch.no_grad():
-        return median_time(lambda: layer(x, position_embeddings=cos_sin, position_ids=pos), repeats)
+        return timed(lambda: layer(x, position_embeddings=cos_sin, position_ids=pos), repeats)
 
 
 def main() -> None:
@@ -69,7 +58,7 @@ def main() -> None:
     print("|---|---|---|")
     for selector in DEFAULT_SELECTORS:
         with torch.no_grad():
-            t = median_time(lambda s=selector: s.select(tokens, args.budget), args.repeats)
+            t = timed(lambda s=selector: s.select(tokens, args.budget), args.repeats)
         print(f"| {selector.name} | {t * 1e3:.2f} | {100 * t / prefill_s:.3f}% |")
 
 

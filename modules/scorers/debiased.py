@@ -22,16 +22,7 @@ class DebiasedScorer(DebiasCore, Scorer):
     """
 
     inner: Any = "fastv"
-    padding: bool = True
-    positional: bool = True
-    fit: str = "dataset"
-    b: float | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.inner, (str, dict)):
-            spec = {"name": self.inner} if isinstance(self.inner, str) else dict(self.inner)
-            self.inner = SCORERS.build(spec.pop("name"), **spec)
-        self._check()
+    registry = SCORERS
 
     def _raw(self, ctx: Stage2Context) -> torch.Tensor:
         return self.inner.head_scores(ctx) if hasattr(self.inner, "head_scores") else self.inner.score(ctx)

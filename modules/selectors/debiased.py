@@ -14,6 +14,7 @@ from modules.vlm.base import VisionTokens
 FIT_MODES = ("dataset", "sample")
 
 
+@dataclass
 class DebiasCore(Calibrated):
     """Shared by the stage-1 and stage-2 wrappers: Attention Debiasing (Zhao et al., 2025).
 
@@ -21,9 +22,19 @@ class DebiasCore(Calibrated):
     the token among the visual tokens and b the slope of an exponential trend A * exp(b * i) fitted to the mean
     raw score per position: on a calibration set (`fit="dataset"`, the default, via `calibrate`) or on each
     sample (`fit="sample"`). An uncalibrated `fit="dataset"` wrapper falls back to per-sample fits (warned once).
+    Subclasses set the default `inner` and the `registry` that names it.
     """
 
-    def _check(self) -> None:
+    inner: Any = None
+    padding: bool = True
+    positional: bool = True
+    fit: str = "dataset"
+    b: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inner, (str, dict)):
+            spec = {"name": self.inner} if isinstance(self.inner, str) else dict(self.inner)
+            self.inner = self.registry.build(spec.pop("name"), **spec)
         if self.fit not in FIT_MODES:
             raise ValueError(f"Debiased fit={self.fit!r}; use one of {FIT_MODES}")
         if not hasattr(self.inner, "score"):
@@ -73,16 +84,7 @@ class DebiasedSelector(DebiasCore, ScoreSelector):
     """
 
     inner: Any = "fastervlm"
-    padding: bool = True
-    positional: bool = True
-    fit: str = "dataset"
-    b: float | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.inner, (str, dict)):
-            spec = {"name": self.inner} if isinstance(self.inner, str) else dict(self.inner)
-            self.inner = SELECTORS.build(spec.pop("name"), **spec)
-        self._check()
+    registry = SELECTORS
 
     def score(self, tokens: VisionTokens) -> torch.Tensor:
         raw = self.inner.score(tokens)
