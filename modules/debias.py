@@ -110,15 +110,17 @@ def fit_trend_per_sample(scores: torch.Tensor, positions: torch.Tensor, valid: t
 def Debiased(inner, padding: bool = True, positional: bool = True, **params):  # noqa: N802 - reads as a type
     """Wrap an attention-based stage-1 selector or stage-2 scorer with padding and positional debiasing.
 
-    Returns a `DebiasedSelector` for a stage-1 `ScoreSelector`, a `DebiasedScorer` for a stage-2 `Scorer`.
+    Returns a `DebiasedSelector` for a stage-1 selector with a `score` method, a `DebiasedScorer` for a stage-2
+    `Scorer`.
     """
     from modules.scorers.base import Scorer
     from modules.scorers.debiased import DebiasedScorer
-    from modules.selectors.base import ScoreSelector
+    from modules.selectors.base import Selector
     from modules.selectors.debiased import DebiasedSelector
 
-    if isinstance(inner, ScoreSelector):
+    # any stage-1 method with an attention score qualifies (AgilePruner keeps its own selection through it)
+    if isinstance(inner, Selector) and hasattr(inner, "score"):
         return DebiasedSelector(inner=inner, padding=padding, positional=positional, **params)
     if isinstance(inner, Scorer):
         return DebiasedScorer(inner=inner, padding=padding, positional=positional, **params)
-    raise ValueError(f"Debiased wraps a ScoreSelector (stage 1) or a Scorer (stage 2), got {inner!r}")
+    raise ValueError(f"Debiased wraps a stage-1 selector with an attention score or a stage-2 Scorer, got {inner!r}")
