@@ -1,0 +1,65 @@
+"""The shipped ToyWorld checkpoints load through the public paths and do what their cards say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from data import toyworld as tw
+from modules.head import PrunerHead, load_pruned
+from modules.pruned_vlm import PrunedVLM, PruningPlan
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = REPO / "checkpoints" / "toyworld-teacher"
+PRUNER = REPO / "checkpoints" / "toyworld-pruner"
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    model = LlavaForConditionalGeneration.from_pretrained(TEACHER).eval()
+    processor = AutoProcessor.from_pretrained(TEACHER)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def test_batch(teacher):
+    _, processor = teacher
+    samples = [tw.sample(i, "test") for i in range(96)]
+    prompts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s["question"].question}]}],
+        add_generation_prompt=True) for s in samples]
+    images = [s["image"] for s in samples]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    inputs["image_sizes"] = torch.tensor([[im.height, im.width] for im in images])
+    answers = torch.tensor([processor.tokenizer.convert_tokens_to_ids(s["question"].answer) for s in samples])
+    return inputs, answers
+
+
+def accuracy(pruned, inputs, answers) -> float:
+    with torch.no_grad():
+        logits = pruned(**inputs, logits_to_keep=1).logits[:, -1]
+    return float((logits.argmax(-1) == answers).float().mean())
+
+
+def test_teacher_answers_well_above_the_majority_baseline(teacher, test_batch):
+    model, _ = teacher
+    full = accuracy(PrunedVLM(model, PruningPlan()), *test_batch)
+    majority = sum(tw.majority_baselines(n=400).values()) / len(tw.QUESTION_TYPES)
+    assert full >= majority + 0.3, (full, majority)
+
+
+def test_shipped_pruner_loads_and_beats_random_at_its_budget(teacher, test_batch):
+    model, _ = teacher
+    head = PrunerHead.from_pretrained(PRUNER)
+    assert head.config.model_type == "llava" and head.config.num_tokens == tw.GRID**2
+    pruned = load_pruned(model, PRUNER)
+    learned = accuracy(pruned, *test_batch)
+    assert pruned.last_kept["stage1"].shape[1] == head.config.n1
+    plan = head.plan()
+    random = accuracy(PrunedVLM(model, PruningPlan(stage1="random", n1=plan.n1, stage2=plan.stage2, n2=plan.n2,
+                                                   layer=plan.layer)), *test_batch)
+    assert learned > random + 0.1, (learned, random)
