@@ -10,7 +10,6 @@ the teacher runs with the adapters disabled, so it stays the original model.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch import nn
 from modules.config import to_config
 from modules.head import PrunerConfig, PrunerHead
 from modules.metrics import distill_metrics
+from modules.optim import adamw_warmup_cosine
 from modules.pruned_vlm import PrunedVLM, PruningPlan
 from modules.vlm import get_adapter
 
@@ -291,17 +291,8 @@ class DistillPruner(L.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise ValueError("nothing to train: the head and LoRA adapters have no trainable parameters")
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(1, self.trainer.estimated_stepping_batches)
-
-        def schedule(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            progress = (step - hp.warmup_steps) / max(1, total - hp.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(params, hp.lr, hp.weight_decay, hp.warmup_steps,
+                                   self.trainer.estimated_stepping_batches)
 
     # ---- checkpoints: only what trains -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -314,7 +305,7 @@ class DistillPruner(L.LightningModule):
     def export_head(self, directory) -> None:
         """Write the head (and LoRA adapters) as a pruner directory."""
         export_pruner(directory, asdict(self.head.config),
-                      {k: v for k, v in self.state_dict().items()},
+                      self.state_dict(),
                       self.lora_config.to_dict() if self.hparams.lora is not None else None)
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchmetrics import MeanMetric
 
+from modules.optim import adamw_warmup_cosine
 from modules.vlm.tiny import tiny_llava_config
 
 STAGES = ("vision", "symbolic", "align", "qa")
@@ -242,17 +243,8 @@ class ToyWorldTeacher(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(1, self.trainer.estimated_stepping_batches)
-
-        def schedule(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))))
-
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
-                                 "interval": "step"}}
+        return adamw_warmup_cosine(params, hp.lr, hp.weight_decay, hp.warmup_steps,
+                                   self.trainer.estimated_stepping_batches)
 
     def on_train_end(self) -> None:
         if self.hparams.out_dir is not None and self.trainer.is_global_zero:
