@@ -263,18 +263,23 @@ def stage1_conditions() -> list[Condition]:
     return conditions
 
 
-def stage2_conditions(layer: int) -> list[Condition]:
+def stage2_conditions(layer: int, num_tokens: int, num_layers: int) -> list[Condition]:
+    """Stage-2 scorers alone: all N tokens up to layer K, n after it. Their compute is NOT that of n tokens:
+    the effective budget (K N + (L - K) n) / L is recorded so the table can say so."""
     conditions = []
+    used = {n: {"n1": num_tokens, "n2": n, "layer": layer,
+                "n_eff": effective_budget(num_tokens, n, layer, num_layers)}
+            for n in (budget_count(b, num_tokens) for b in BUDGETS)}
     for scorer in DEFAULT_SCORERS:
         if scorer.name == "debiased":
             continue  # the registered default wraps fastv: it is "fastv+debias" below
         name = STAGE2_PREFIX + scorer.name
         conditions.append(Condition(name, lambda n, s=scorer: PruningPlan(stage2=s, n2=n, layer=layer),
-                                    kept_stage="stage2", layer=layer))
+                                    kept_stage="stage2", layer=layer, budgets_used=dict(used)))
         wrapped = Debiased(scorer)
         conditions.append(Condition(
             f"{name}+debias", lambda n, s=wrapped: PruningPlan(stage2=s, n2=n, layer=layer),
-            kept_stage="stage2", layer=layer,
+            kept_stage="stage2", layer=layer, budgets_used=dict(used),
             needs_calibration=[(wrapped, lambda s=wrapped: PruningPlan(stage2=s, n2=1, layer=layer))]))
     return conditions
 
@@ -350,7 +355,8 @@ def budget_header(fraction: float, n: int) -> str:
     return f"{fraction:.1%} (n={n})"
 
 
-def accuracy_table(results: dict, budgets: dict, full: dict, majority: dict, conditions: list[Condition]) -> str:
+def accuracy_table(results: dict, budgets: dict, full: dict, majority: dict, conditions: list[Condition],
+                   num_tokens: int) -> str:
     header = ["condition"] + [budget_header(b, n) for b, n in budgets.items()] + ["notes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     blank = [""] * len(budgets)
@@ -360,10 +366,13 @@ def accuracy_table(results: dict, budgets: dict, full: dict, majority: dict, con
     for condition in conditions:
         cells = [f"{results[condition.name][str(b)]['accuracy']:.3f}" for b in budgets]
         notes = []
-        if condition.budgets_used:
-            notes.append("n1/n2 = " + ", ".join(f"{u['n1']}/{u['n2']}" for u in condition.budgets_used.values()))
         if condition.name.startswith(STAGE2_PREFIX):
             notes.append(f"stage 2 only, n2 = n at layer {condition.layer}")
+        elif condition.budgets_used:
+            notes.append("n1/n2 = " + ", ".join(f"{u['n1']}/{u['n2']}" for u in condition.budgets_used.values()))
+        if condition.budgets_used:
+            notes.append("effective " + ", ".join(f"{u['n_eff'] / num_tokens:.1%}"
+                                                  for u in condition.budgets_used.values()))
         if condition.dashed:
             notes.append("oracle")
         lines.append(f"| {condition.name} | " + " | ".join(cells) + f" | {'; '.join(notes)} |")
@@ -579,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: gate(s) {', '.join(failed)} failed; --force given, numbers below are not meaningful")
 
     head = load_head(args.head, model, args.device)
-    conditions = stage1_conditions() + stage2_conditions(default_layer)
+    conditions = stage1_conditions() + stage2_conditions(default_layer, num_tokens, num_layers)
     if head is not None:
         conditions += learned_conditions(head, num_tokens, num_layers)
     conditions += oracles
@@ -609,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         report["learned_stage2_budgets"] = {str(b): conditions_by(conditions, "learned+stage2").budgets_used[n]
                                             for b, n in budgets.items()}
 
-    table = accuracy_table(results, budgets, full, majority, conditions)
+    table = accuracy_table(results, budgets, full, majority, conditions, num_tokens)
     types = per_type_table(results, budgets, full, majority)
     banner = f"**Gates failed ({', '.join(failed)}); forced run: not meaningful.**\n\n" if failed else ""
     (out / "accuracy.md").write_text(

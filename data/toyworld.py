@@ -105,12 +105,18 @@ class Scene:
 
 @dataclass
 class Question:
-    """A question (space-separated words ending with " ?"), its one-word answer and the objects it is about."""
+    """A question (space-separated words ending with " ?"), its one-word answer and the objects it is about.
+
+    refs[i] is the index (in question.split(" ")) of the word that closes the phrase naming targets[i] ("circle"
+    in "the red circle"); empty when the targets are not named one by one (counts, quadrants). The teacher's
+    grounding loss reads it.
+    """
 
     qtype: str
     question: str
     answer: str
     targets: list[int]
+    refs: list[int] = field(default_factory=list)
 
 
 # -- scenes ----------------------------------------------------------------------------------------------------------
@@ -365,20 +371,20 @@ def _candidates(scene: Scene, qtype: str) -> dict[str, list[Question]]:
     """Every unambiguous question of `qtype` the scene can host, grouped by answer."""
     out: dict[str, list[Question]] = {}
 
-    def add(text: str, answer: str, targets: list[int]) -> None:
-        out.setdefault(answer, []).append(Question(qtype, text + " ?", answer, targets))
+    def add(text: str, answer: str, targets: list[int], refs: tuple[int, ...] = ()) -> None:
+        out.setdefault(answer, []).append(Question(qtype, text + " ?", answer, targets, list(refs)))
 
     objs = scene.objects
     if qtype == "color_of_shape":
         by_shape = Counter(o.shape for o in objs)
         for o in objs:
             if by_shape[o.shape] == 1:
-                add(f"what is the color of the {o.shape}", o.color, [o.id])
+                add(f"what is the color of the {o.shape}", o.color, [o.id], refs=(6,))
     elif qtype == "shape_of_color":
         by_color = Counter(o.color for o in objs)
         for o in objs:
             if by_color[o.color] == 1:
-                add(f"what is the shape of the {o.color} object", o.shape, [o.id])
+                add(f"what is the shape of the {o.color} object", o.shape, [o.id], refs=(7,))
     elif qtype == "count_of_color":
         for c in COLORS:
             ids = [o.id for o in objs if o.color == c]
@@ -389,7 +395,7 @@ def _candidates(scene: Scene, qtype: str) -> dict[str, list[Question]]:
             for b in objs:
                 if a is not b and abs(a.cx - b.cx) > LEFT_OF_MIN_DX:
                     add(f"is the {a.color} {a.shape} left of the {b.color} {b.shape}",
-                        "yes" if a.cx < b.cx else "no", [a.id, b.id])
+                        "yes" if a.cx < b.cx else "no", [a.id, b.id], refs=(3, 8))
     elif qtype == "quadrant":
         for q, o in _quadrant_hosts(scene).items():
             add("what shape is in the {} {}".format(*QUADRANT_WORDS[q]), o.shape, [o.id])
@@ -431,7 +437,7 @@ def _swap(scene: Scene, q: Question, attr: str, target: str) -> tuple[Scene, Que
     for o in objects:
         setattr(o, attr, swap.get(getattr(o, attr), getattr(o, attr)))
     text = " ".join(swap.get(w, w) for w in q.question.split(" "))
-    return Scene(scene.width, scene.height, objects), Question(q.qtype, text, target, list(q.targets))
+    return Scene(scene.width, scene.height, objects), Question(q.qtype, text, target, list(q.targets), list(q.refs))
 
 
 def _scene_and_question(rng: random.Random, qtype: str) -> tuple[Scene, Question]:
@@ -464,14 +470,24 @@ def _rng(split: str, index: int) -> random.Random:
     return random.Random(f"toyworld/{split}/{index}")
 
 
-def sample(index: int, split: str) -> dict:
+def sample(index: int, split: str, qtype_weights: dict[str, float] | None = None) -> dict:
     """Sample `index` of `split` (deterministic; splits use disjoint seeds). Question type uniform over
-    QUESTION_TYPES, answer uniform within the type.
+    QUESTION_TYPES (or drawn with `qtype_weights`, a training curriculum; absent types weigh 0), answer uniform
+    within the type.
 
     Returns {"scene": Scene, "image": PIL canvas (unpadded), "question": Question, "labels": patch_labels(scene)}.
     """
     rng = _rng(split, index)
-    scene, question = _scene_and_question(rng, rng.choice(QUESTION_TYPES))
+    if qtype_weights is None:
+        qtype = rng.choice(QUESTION_TYPES)
+    else:
+        unknown = set(qtype_weights) - set(QUESTION_TYPES)
+        weights = [float(qtype_weights.get(q, 0.0)) for q in QUESTION_TYPES]
+        if unknown or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"qtype_weights={qtype_weights}: give non-negative weights, not all zero, for "
+                             f"types among {QUESTION_TYPES}")
+        qtype = rng.choices(QUESTION_TYPES, weights)[0]
+    scene, question = _scene_and_question(rng, qtype)
     ids = _canvas_ids(scene)
     return {"scene": scene, "image": _render_ids(scene, ids), "question": question,
             "labels": _labels_from_ids(scene, _padded_ids(scene, ids, IMAGE_SIZE), GRID)}

@@ -10,6 +10,7 @@ the teacher runs with the adapters disabled, so it stays the original model.
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict
 from typing import Any
 
@@ -56,9 +57,12 @@ class DistillPruner(L.LightningModule):
         model: path or hub id of the VLM (loaded with `from_pretrained`); or
         model_config: a config mapping with `model_type` (random weights; tests and toy runs).
         n1, n2: stage-1 / stage-2 budgets (int count or float ratio of N); n2 None = no stage 2 in training.
+        train_n1: stage-1 budgets to draw from at each training step (seeded by step), so that one head ranks
+            well at every budget it will serve; validation, test and the exported config use n1.
         stage2: stage-2 scorer (name or {"name": ..., ...}); layer: its decoder layer K (default L // 2).
         head: PrunerConfig fields (features, d_model, depth, heads, mode, tau).
-        init_head: a released head directory to start from (domain fine-tuning).
+        init_head: a released head directory to start from (domain fine-tuning); `head` may then only change
+            how it trains (mode, tau), not its architecture.
         lora: {"r": 8, "alpha": 16, "dropout": 0.0, "target": regex} adds LoRA to the language model.
         kl_temperature, hidden_mse_weight, ce_weight, budget_weight: loss terms.
         tau_start, tau_end: Gumbel noise scale of the straight-through top-k, annealed linearly.
@@ -74,6 +78,7 @@ class DistillPruner(L.LightningModule):
         model_config: dict[str, Any] | None = None,
         n1: int | float = 0.25,
         n2: int | float | None = None,
+        train_n1: list[int | float] | None = None,
         stage2: str | dict[str, Any] | None = "fastv",
         layer: int | None = None,
         head: dict[str, Any] | None = None,
@@ -97,6 +102,12 @@ class DistillPruner(L.LightningModule):
         self.save_hyperparameters()
         if kl_temperature <= 0:
             raise ValueError(f"kl_temperature={kl_temperature} must be positive")
+        if train_n1 is not None and not train_n1:
+            raise ValueError("train_n1=[] lists no budget; leave it unset to train at n1 only")
+        for budget in train_n1 or ():
+            # each drawn budget must make a valid plan (with n2 <= it)
+            PruningPlan(stage1="random", n1=budget, stage2=stage2 if n2 is not None else None, n2=n2,
+                        layer=layer if n2 is not None else None)
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self.train_metrics = distill_metrics("train")
         self.val_metrics = distill_metrics("val")
@@ -115,6 +126,7 @@ class DistillPruner(L.LightningModule):
         adapter = get_adapter(vlm)
         if hp.init_head is not None:
             head = PrunerHead.from_pretrained(hp.init_head)
+            self._override_training_fields(head, hp.head or {})
             head.check_compatible(adapter)
         else:
             head = PrunerHead.for_model(adapter, **(hp.head or {}))
@@ -128,6 +140,17 @@ class DistillPruner(L.LightningModule):
         cfg.n1, cfg.n2, cfg.layer = hp.n1, hp.n2, pruned.layer
         cfg.stage2 = None if plan.scorer is None else to_config(plan.scorer)
         return pruned
+
+    @staticmethod
+    def _override_training_fields(head: PrunerHead, overrides: dict[str, Any]) -> None:
+        training = {"mode", "tau"}
+        fixed = {k for k, v in overrides.items() if k not in training and getattr(head.config, k, None) != v}
+        if fixed:
+            raise ValueError(f"init_head fixes the head architecture; head={overrides} changes {sorted(fixed)}: "
+                             f"only {sorted(training)} can be overridden")
+        merged = PrunerConfig(**{**asdict(head.config), **{k: overrides[k] for k in training & set(overrides)}})
+        head.config = merged
+        head.tau = merged.tau
 
     def _add_lora(self, vlm: nn.Module, lora: dict[str, Any]) -> nn.Module:
         from peft import LoraConfig, inject_adapter_in_model
@@ -236,6 +259,13 @@ class DistillPruner(L.LightningModule):
         hp = self.hparams
         self.head.tau = hp.tau_end + (hp.tau_start - hp.tau_end) * (1 - progress)
         self.head.noise_seed = hp.seed * 1_000_003 + self.global_step * 1009 + self.global_rank
+        if hp.train_n1:
+            # the same draw on every rank: the step, not the rank, picks the budget
+            self.pruned.plan.n1 = hp.train_n1[random.Random(hp.seed * 7919 + self.global_step).randrange(
+                len(hp.train_n1))]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.pruned.plan.n1 = self.hparams.n1
 
     def training_step(self, batch, batch_idx):
         loss = self.shared_step(batch, self.train_metrics)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -81,6 +83,45 @@ def test_metrics_and_effective_budget(tiny_workspace, tiny_batch):
     assert values["val/teacher_accuracy"] >= 0
 
 
+def test_train_n1_draws_a_budget_per_step_and_restores_n1(tiny_workspace, tiny_batch):
+    module = make_module(tiny_workspace, n1=4, train_n1=[2, 6, 0.5])
+    drawn = []
+    for step in range(12):
+        # the hooks read the step and the schedule length from the trainer: a stand-in is enough
+        module._trainer = SimpleNamespace(global_step=step, estimated_stepping_batches=12, global_rank=0)
+        module.on_train_batch_start(tiny_batch, step)
+        drawn.append(module.pruned.plan.n1)
+        with torch.no_grad():
+            module.shared_step(tiny_batch, module.train_metrics)
+        kept = module.pruned.last_kept["stage1"].shape[1]
+        assert kept == (8 if drawn[-1] == 0.5 else drawn[-1])  # N = 16
+        module.on_train_batch_end(None, tiny_batch, step)
+        assert module.pruned.plan.n1 == 4
+    module._trainer = None
+    assert set(drawn) == {2, 6, 0.5}
+    again = make_module(tiny_workspace, n1=4, train_n1=[2, 6, 0.5])
+    for step in range(12):
+        again._trainer = SimpleNamespace(global_step=step, estimated_stepping_batches=12, global_rank=0)
+        again.on_train_batch_start(tiny_batch, step)
+        assert again.pruned.plan.n1 == drawn[step], "the draw depends on (seed, step) only"
+    again._trainer = None
+
+
+def test_init_head_continues_a_released_head_in_another_training_mode(tiny_workspace, tiny_batch, tmp_path):
+    first = make_module(tiny_workspace, head={**HEAD, "mode": "soft_mask"})
+    first.head.save_pretrained(tmp_path / "head")
+    tuned = make_module(tiny_workspace, init_head=str(tmp_path / "head"),
+                        head={**HEAD, "mode": "straight_through", "tau": 0.3})
+    assert tuned.head.config.mode == "straight_through" and tuned.head.tau == 0.3
+    for key, value in first.head.state_dict().items():
+        assert torch.equal(value, tuned.head.state_dict()[key])
+    tuned.head.noise_seed = 0
+    tuned.shared_step(tiny_batch, tuned.train_metrics).backward()
+    assert tuned.pruned.last_kept["stage1"].shape[1] == 4, "straight-through: hard top-n in training"
+    with pytest.raises(ValueError, match="changes \\['d_model'\\]"):
+        make_module(tiny_workspace, init_head=str(tmp_path / "head"), head={**HEAD, "d_model": 64})
+
+
 def test_bad_arguments(tiny_workspace):
     with pytest.raises(ValueError, match="exactly one of model"):
         DistillPruner()
@@ -88,6 +129,10 @@ def test_bad_arguments(tiny_workspace):
         DistillPruner(model=str(tiny_workspace / "model"), kl_temperature=0)
     with pytest.raises(ValueError, match="unknown lora keys \\['rank'\\]"):
         DistillPruner(model=str(tiny_workspace / "model"), lora={"rank": 4})
+    with pytest.raises(ValueError, match="train_n1=\\[\\]"):
+        DistillPruner(model=str(tiny_workspace / "model"), train_n1=[])
+    with pytest.raises(ValueError, match="n2=4 exceeds n1=2"):
+        DistillPruner(model=str(tiny_workspace / "model"), n1=8, n2=4, train_n1=[8, 2])
 
 
 def test_lora_pruner_exports_and_serves_identically(tiny_workspace, tiny_batch, tmp_path):

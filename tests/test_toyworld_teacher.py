@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data import toyworld as tw
-from data.toyworld_stream import ToyWorldCollator, ToyWorldStream, center_patches
+from data.toyworld_stream import ToyWorldCollator, ToyWorldStream, center_patch, center_patches
 from modules.vlm.toyworld_teacher import SYMBOLIC_FILE, ToyWorldTeacher
 
 SMALL = {"vision_hidden": 32, "vision_layers": 2, "text_hidden": 32, "text_layers": 2, "heads": 2}
@@ -37,6 +37,60 @@ def test_center_patches_mark_one_patch_per_object():
         assert bool((objects > 0).all()), "a centre patch lies on an object"
 
 
+def test_refs_name_their_targets():
+    for i in range(200):
+        sample = tw.sample(i, "train")
+        q, scene = sample["question"], sample["scene"]
+        words = q.question.split(" ")
+        assert len(q.refs) == (len(q.targets) if q.qtype in ("color_of_shape", "shape_of_color", "left_of") else 0)
+        for word, target in zip(q.refs, q.targets):
+            obj = scene.objects[target]
+            # the phrase ending at the ref word is "<color> <shape>", "<shape>" or "<color> object"
+            assert words[word] in (obj.shape, "object")
+            assert obj.color == words[word - 1] or words[word - 1] == "the"
+
+
+def test_batch_grounds_each_named_object():
+    stream = ToyWorldStream("val", 64)
+    items = [stream[i] for i in range(64)]
+    batch = ToyWorldCollator(tw.toyworld_processor())(items)
+    tokenizer = tw.toyworld_tokenizer()
+    named = 0
+    for b in range(len(items)):
+        sample = tw.sample(b, "val")
+        q = sample["question"]
+        for r, (word, target) in enumerate(zip(q.refs, q.targets)):
+            pos = int(batch["ground_pos"][b, r])
+            assert tokenizer.convert_ids_to_tokens(int(batch["input_ids"][b, pos])) == q.question.split(" ")[word]
+            row, col = center_patch(sample["scene"], sample["scene"].objects[target])
+            assert (int(batch["ground_row"][b, r]), int(batch["ground_col"][b, r])) == (row, col)
+            assert int(sample["labels"]["object"][row * tw.GRID + col]) == target + 1, "the patch shows the object"
+            named += 1
+        assert bool((batch["ground_pos"][b, len(q.refs):] == -1).all())
+    assert named > 20
+
+
+@pytest.mark.parametrize("stage", ["symbolic", "qa"])
+def test_grounding_loss_trains_probe_and_lm(stage, stream_batch, tmp_path):
+    ToyWorldTeacher(stage="vision", **SMALL).save_stage(tmp_path)
+    plain = ToyWorldTeacher(stage=stage, init_from=str(tmp_path))
+    grounded = ToyWorldTeacher(stage=stage, init_from=str(tmp_path), ground_weight=0.5, ground_layer=1)
+    grounded.load_state_dict(plain.state_dict())
+    base, _ = plain.step_loss(stream_batch)
+    loss, stats = grounded.step_loss(stream_batch)
+    ground, acc = grounded.grounding_loss(grounded.qa_forward(stream_batch, hidden=True).hidden_states[1],
+                                          stream_batch)
+    torch.testing.assert_close(loss, base + 0.5 * ground)
+    assert 0 <= float(stats["ground_acc"]) <= 1 and float(acc) == float(stats["ground_acc"])
+    ground.backward()
+    touched = {n for n, p in grounded.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"probe.row.weight", "probe.col.weight", "probe.ordinal.weight"} <= touched
+    assert any(n.startswith("vlm.model.language_model.layers.0.") for n in touched)
+    assert not any(n.startswith("vlm.model.language_model.layers.1.") for n in touched), "reads layer 1's output"
+    with pytest.raises(ValueError, match="ground_layer=5"):
+        ToyWorldTeacher(stage=stage, init_from=str(tmp_path), ground_layer=5)
+
+
 @pytest.mark.parametrize("stage, trains, frozen", [
     ("vision", ["vlm.model.vision_tower", "heads"], ["vlm.model.language_model", "vlm.model.multi_modal_projector"]),
     ("symbolic", ["vlm.model.language_model", "vlm.lm_head", "symbolic"], ["vlm.model.vision_tower"]),
@@ -61,10 +115,21 @@ def test_stage_hand_over_round_trips(stream_batch, tmp_path):
     module = ToyWorldTeacher(stage="vision", **SMALL)
     with torch.no_grad():
         module.symbolic.color.weight.add_(1.0)
+        module.probe.col.bias.add_(1.0)
     module.save_stage(tmp_path)
     assert (tmp_path / SYMBOLIC_FILE).is_file() and (tmp_path / "config.json").is_file()
     loaded = ToyWorldTeacher(stage="qa", init_from=str(tmp_path))
     assert torch.equal(loaded.symbolic.color.weight, module.symbolic.color.weight)
+    assert torch.equal(loaded.probe.col.bias, module.probe.col.bias)
+    # an earlier stage's file without the probe's newer parts loads; a file with unknown parts does not
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / SYMBOLIC_FILE))
+    save_file({k: v for k, v in state.items() if not k.startswith("probe.ordinal.")}, str(tmp_path / SYMBOLIC_FILE))
+    ToyWorldTeacher(stage="qa", init_from=str(tmp_path))
+    save_file({**state, "probe.extra.weight": torch.zeros(1)}, str(tmp_path / SYMBOLIC_FILE))
+    with pytest.raises(ValueError, match="unexpected probe weights"):
+        ToyWorldTeacher(stage="qa", init_from=str(tmp_path))
     module.eval(), loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.qa_logits(stream_batch), module.vlm(
@@ -77,3 +142,19 @@ def test_bad_stage_arguments():
         ToyWorldTeacher(stage="pretrain")
     with pytest.raises(ValueError, match="init_from"):
         ToyWorldTeacher(stage="qa")
+
+
+def test_qtype_weights_curriculum():
+    from collections import Counter
+
+    from data.toyworld_stream import ToyWorldStreamModule
+
+    weights = {"left_of": 3.0, "count_of_color": 1.0}
+    counts = Counter(tw.sample(i, "train", weights)["question"].qtype for i in range(200))
+    assert set(counts) == {"left_of", "count_of_color"} and counts["left_of"] > 2 * counts["count_of_color"]
+    # without weights the stream is the plain split, sample for sample
+    plain = ToyWorldStream("train", 10)[7]["messages"]
+    assert plain[0]["content"][-1]["text"] == tw.sample(7, "train")["question"].question
+    for bad in ({"left_off": 1.0}, {"left_of": -1.0}, {"left_of": 0.0}):
+        with pytest.raises(ValueError, match="qtype_weights"):
+            ToyWorldStreamModule(qtype_weights=bad)

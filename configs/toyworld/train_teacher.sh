@@ -3,6 +3,6 @@
 # checkpoints/toyworld-teacher. TOYWORLD_OUT (default outputs/toyworld) holds the intermediate stages.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-for stage in vision symbolic align qa; do
+for stage in vision symbolic relations align qa; do
   python -m trainer fit --config "configs/toyworld/teacher_${stage}.yaml" "$@"
 done

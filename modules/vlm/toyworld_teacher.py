@@ -6,13 +6,16 @@ to find the asked-about object among the visual tokens. So each ability is taugh
   vision    the vision tower learns per-patch labels (colour, shape, row, column, object centre, quadrant) and a
             [CLS] summary (which colours and shapes are present): the analogue of a pretrained CLIP.
   symbolic  the LM learns the QA task on *symbolic* image tokens: per-patch embeddings of the ground-truth labels
-            (colour + shape + row + column + centre flag). No vision pass, so thousands of steps are cheap.
+            (colour + shape + row + column + centre flag). No vision pass, so thousands of steps are cheap. A
+            grounding loss asks the LM, at the word that names an object ("circle" in "the red circle"), where
+            that object is; a question-type curriculum shows left_of more often (and a second "relations" run
+            of this stage mostly left_of), because that type is learnt last.
   align     the projector learns to map vision features onto those symbolic embeddings (MSE), vision frozen.
   qa        projector + LM are tuned on QA end to end through the real vision path, vision frozen.
 
 Each stage is a `python -m trainer fit --config configs/toyworld/<stage>.yaml` run that starts from the previous
-stage's directory and writes a normal `from_pretrained` directory (+ `symbolic.safetensors`, a training-only
-extra that the final model does not need).
+stage's directory and writes a normal `from_pretrained` directory (+ `symbolic.safetensors`: the symbolic
+embedder and the grounding probe, training-only extras that the final model does not need).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from modules.vlm.tiny import tiny_llava_config
 
 STAGES = ("vision", "symbolic", "align", "qa")
 SYMBOLIC_FILE = "symbolic.safetensors"
+ORDINAL_WEIGHT = 4.0  # positions in [0, 1]: their MSE is ~10x smaller than the classification losses
 
 
 class SymbolicEmbedder(nn.Module):
@@ -69,6 +73,18 @@ class VisionHeads(nn.Module):
         self.present = nn.Linear(dim, n_colors - 2 + n_shapes)  # [CLS]: which colours / shapes are in the image
 
 
+class GroundingProbe(nn.Module):
+    """Reads the patch (row, col) of a named object from the LM's hidden state at the word that names it: as
+    classes, and as numbers along one direction each (`ordinal`), so that the LM stores position as a magnitude
+    and "is A left of B" becomes a subtraction that a later layer can read."""
+
+    def __init__(self, dim: int, grid: int):
+        super().__init__()
+        self.row = nn.Linear(dim, grid)
+        self.col = nn.Linear(dim, grid)
+        self.ordinal = nn.Linear(dim, 2)
+
+
 class ToyWorldTeacher(L.LightningModule):
     """One LightningModule, four training stages (see the module docstring); `stage` picks what trains.
 
@@ -79,12 +95,18 @@ class ToyWorldTeacher(L.LightningModule):
         vision_hidden, vision_layers, text_hidden, text_layers, heads: architecture of a fresh model.
         lr, weight_decay, warmup_steps: AdamW with warm-up and cosine decay.
         shape_weight, center_weight: up-weighting of the rare per-patch classes in the vision stage.
+        ground_weight, ground_layer: weight of the grounding loss (symbolic and qa stages) and the decoder layer
+            whose output it reads. Without it the LM never learns left_of (measured: exactly chance after 3500
+            symbolic steps): a yes/no answer is too weak a signal to discover that it must first find two named
+            objects; the grounding loss asks the hidden state at "circle" in "the red circle" for that object's
+            patch, i.e. it supervises the find step directly (like the grounding data of real VLM training).
     """
 
     def __init__(self, stage: str, init_from: str | None = None, out_dir: str | None = None,
                  vision_hidden: int = 128, vision_layers: int = 3, text_hidden: int = 128, text_layers: int = 4,
                  heads: int = 4, lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 100,
-                 shape_weight: float = 3.0, center_weight: float = 5.0):
+                 shape_weight: float = 3.0, center_weight: float = 5.0, ground_weight: float = 0.0,
+                 ground_layer: int | None = None):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"stage={stage!r}; use one of {STAGES}")
@@ -111,9 +133,14 @@ class ToyWorldTeacher(L.LightningModule):
         cfg = self.vlm.config
         n_colors, n_shapes = len(tw.COLOR_CLASSES), len(tw.SHAPES)
         self.symbolic = SymbolicEmbedder(cfg.text_config.hidden_size, tw.GRID, n_colors, n_shapes)
-        if init_from is not None and (Path(init_from) / SYMBOLIC_FILE).is_file():
-            self.symbolic.load_state_dict(load_file(str(Path(init_from) / SYMBOLIC_FILE)))
         self.heads = VisionHeads(cfg.vision_config.hidden_size, tw.GRID, n_colors, n_shapes)
+        self.probe = GroundingProbe(cfg.text_config.hidden_size, tw.GRID)
+        n_layers = cfg.text_config.num_hidden_layers
+        self.ground_layer = n_layers // 2 if ground_layer is None else ground_layer
+        if not 1 <= self.ground_layer <= n_layers:
+            raise ValueError(f"ground_layer={ground_layer} must be in 1..{n_layers}")
+        if init_from is not None and (Path(init_from) / SYMBOLIC_FILE).is_file():
+            self._load_extras(load_file(str(Path(init_from) / SYMBOLIC_FILE)))
         self.qtypes = tw.QUESTION_TYPES
         self._freeze_for_stage()
         self.val_acc = nn.ModuleList(MeanMetric() for _ in self.qtypes)
@@ -124,9 +151,9 @@ class ToyWorldTeacher(L.LightningModule):
         inner = self.vlm.model
         trainable = {
             "vision": [inner.vision_tower, self.heads],
-            "symbolic": [inner.language_model, self.vlm.lm_head, self.symbolic],
+            "symbolic": [inner.language_model, self.vlm.lm_head, self.symbolic, self.probe],
             "align": [inner.multi_modal_projector],
-            "qa": [inner.multi_modal_projector, inner.language_model, self.vlm.lm_head],
+            "qa": [inner.multi_modal_projector, inner.language_model, self.vlm.lm_head, self.probe],
         }[self.hparams.stage]
         for module in trainable:
             module.requires_grad_(True)
@@ -177,17 +204,44 @@ class ToyWorldTeacher(L.LightningModule):
         symbols = self.symbolic(batch).to(embeds.dtype)
         return embeds.masked_scatter(image.unsqueeze(-1), symbols)
 
-    def qa_logits(self, batch) -> torch.Tensor:
+    def qa_forward(self, batch, hidden: bool = False):
         if self.hparams.stage == "symbolic":
-            return self.vlm(inputs_embeds=self.symbolic_inputs(batch), attention_mask=batch["attention_mask"]).logits
+            return self.vlm(inputs_embeds=self.symbolic_inputs(batch), attention_mask=batch["attention_mask"],
+                            output_hidden_states=hidden)
         return self.vlm(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                        attention_mask=batch["attention_mask"]).logits
+                        attention_mask=batch["attention_mask"], output_hidden_states=hidden)
+
+    def qa_logits(self, batch) -> torch.Tensor:
+        return self.qa_forward(batch).logits
 
     def qa_loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = self.qa_logits(batch)[:, :-1]
+        grounded = self.hparams.ground_weight > 0 and "ground_pos" in batch
+        out = self.qa_forward(batch, hidden=grounded)
+        logits = out.logits[:, :-1]
         labels = batch["labels"][:, 1:]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return loss, {"answer_acc": self._first_answer_correct(logits, labels).float().mean()}
+        stats = {"answer_acc": self._first_answer_correct(logits, labels).float().mean()}
+        if grounded:
+            ground, ground_acc = self.grounding_loss(out.hidden_states[self.ground_layer], batch)
+            loss = loss + self.hparams.ground_weight * ground
+            stats["ground_acc"] = ground_acc
+        return loss, stats
+
+    def grounding_loss(self, hidden: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """CE of the probe's (row, col) at each naming word; and how often both are right."""
+        named = batch["ground_pos"] >= 0
+        if not bool(named.any()):
+            zero = hidden.sum() * 0.0
+            return zero, zero.detach()
+        rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1).expand_as(named)
+        states = hidden[rows[named], batch["ground_pos"][named]].float()
+        row_logits, col_logits = self.probe.row(states), self.probe.col(states)
+        row, col = batch["ground_row"][named], batch["ground_col"][named]
+        where = torch.stack([row, col], dim=-1).float() / (self.probe.row.out_features - 1)
+        loss = (F.cross_entropy(row_logits, row) + F.cross_entropy(col_logits, col)
+                + ORDINAL_WEIGHT * F.mse_loss(self.probe.ordinal(states), where))
+        acc = ((row_logits.argmax(-1) == row) & (col_logits.argmax(-1) == col)).float().mean()
+        return loss, acc.detach()
 
     @staticmethod
     def _first_answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -251,10 +305,24 @@ class ToyWorldTeacher(L.LightningModule):
             self.save_stage(self.hparams.out_dir)
 
     def save_stage(self, directory: str | Path) -> Path:
-        """A `from_pretrained` directory (model + tokenizer + processor) plus the symbolic embedder."""
+        """A `from_pretrained` directory (model + tokenizer + processor) plus the training-only extras (symbolic
+        embedder, grounding probe) that the next stage continues from."""
         directory = Path(directory)
         self.vlm.save_pretrained(directory)
         self.processor.save_pretrained(directory)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.symbolic.state_dict().items()}
+        state = {f"{name}.{k}": v.detach().cpu().contiguous()
+                 for name, module in self._extras().items() for k, v in module.state_dict().items()}
         save_file(state, str(directory / SYMBOLIC_FILE))
         return directory
+
+    def _extras(self) -> dict[str, nn.Module]:
+        return {"symbolic": self.symbolic, "probe": self.probe}
+
+    def _load_extras(self, state: dict[str, torch.Tensor]) -> None:
+        # a module absent from the file (an earlier stage never trained it) keeps its fresh initialisation
+        for name, module in self._extras().items():
+            part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            if part:
+                missing, unexpected = module.load_state_dict(part, strict=False)
+                if unexpected:
+                    raise ValueError(f"{SYMBOLIC_FILE}: unexpected {name} weights {unexpected}")
