@@ -33,7 +33,7 @@ from PIL import Image
 
 from data.llava_json import LlavaJsonDataset
 from data.toyworld import PAD_RGB, QUESTION_TYPES, majority_baselines, write_split
-from modules.budget import topk_keep
+from modules.budget import effective_budget, topk_keep
 from modules.calibrate import calibrate
 from modules.debias import Debiased
 from modules.pruned_vlm import PrunedVLM, PruningPlan
@@ -124,12 +124,6 @@ def solve_two_stage(n: int, num_tokens: int, layer: int, num_layers: int) -> tup
     n2 = max(1, round_half_up(n / 2))
     n1 = round_half_up((num_layers * n - (num_layers - layer) * n2) / layer)
     return max(n2, min(num_tokens, n1)), n2
-
-
-def effective_budget(n1: int, n2: int | None, layer: int, num_layers: int) -> float:
-    if n2 is None:
-        return float(n1)
-    return (layer * n1 + (num_layers - layer) * n2) / num_layers
 
 
 # -- data ------------------------------------------------------------------------------------------------------------

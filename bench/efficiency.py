@@ -15,6 +15,7 @@ import time
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from modules.budget import effective_budget
 from modules.pruned_vlm import PrunedVLM, PruningPlan
 
 GEOMETRIES = {
@@ -85,7 +86,7 @@ def main() -> None:
     for name, plan in plans.items():
         pruned = PrunedVLM(model, plan)
         n1, n2 = plan.budgets(n)
-        n_eff = n1 if n2 is None else (k * n1 + (n_layers - k) * n2) / n_layers
+        n_eff = effective_budget(n1, n2, k, n_layers)
         with torch.no_grad():
             prefill = timed(lambda p=pruned: p(**inputs, logits_to_keep=1), args.repeats)
             total = timed(lambda p=pruned: p.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False,

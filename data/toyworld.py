@@ -470,6 +470,15 @@ def _rng(split: str, index: int) -> random.Random:
     return random.Random(f"toyworld/{split}/{index}")
 
 
+def qtype_weight_list(qtype_weights: dict[str, float]) -> list[float]:
+    """The weights of QUESTION_TYPES in order (absent types weigh 0); a clear error for a mapping that cannot draw."""
+    weights = [float(qtype_weights.get(q, 0.0)) for q in QUESTION_TYPES]
+    if set(qtype_weights) - set(QUESTION_TYPES) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"qtype_weights={qtype_weights}: give non-negative weights, not all zero, for "
+                         f"types among {QUESTION_TYPES}")
+    return weights
+
+
 def sample(index: int, split: str, qtype_weights: dict[str, float] | None = None) -> dict:
     """Sample `index` of `split` (deterministic; splits use disjoint seeds). Question type uniform over
     QUESTION_TYPES (or drawn with `qtype_weights`, a training curriculum; absent types weigh 0), answer uniform
@@ -481,12 +490,7 @@ def sample(index: int, split: str, qtype_weights: dict[str, float] | None = None
     if qtype_weights is None:
         qtype = rng.choice(QUESTION_TYPES)
     else:
-        unknown = set(qtype_weights) - set(QUESTION_TYPES)
-        weights = [float(qtype_weights.get(q, 0.0)) for q in QUESTION_TYPES]
-        if unknown or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"qtype_weights={qtype_weights}: give non-negative weights, not all zero, for "
-                             f"types among {QUESTION_TYPES}")
-        qtype = rng.choices(QUESTION_TYPES, weights)[0]
+        qtype = rng.choices(QUESTION_TYPES, qtype_weight_list(qtype_weights))[0]
     scene, question = _scene_and_question(rng, qtype)
     ids = _canvas_ids(scene)
     return {"scene": scene, "image": _render_ids(scene, ids), "question": question,

@@ -128,7 +128,7 @@ class ToyWorldStreamModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if qtype_weights is not None:
-            tw.sample(0, "train", qtype_weights)  # fail at construction on a bad mapping
+            tw.qtype_weight_list(qtype_weights)  # fail at construction on a bad mapping
         self.processor = tw.toyworld_processor()
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:

@@ -27,6 +27,14 @@ def resolve_budget(value: int | float, num_tokens: int, name: str = "n") -> int:
     return value
 
 
+def effective_budget(n1: int, n2: int | None, layer: int, num_layers: int) -> float:
+    """FLOPs-equivalent visual tokens per decoder layer of a two-stage plan: n1 tokens in layers 0..K-1, n2 after,
+    i.e. (K n1 + (L - K) n2) / L; n1 when there is no stage 2."""
+    if n2 is None:
+        return float(n1)
+    return (layer * n1 + (num_layers - layer) * n2) / num_layers
+
+
 def topk_keep(scores: torch.Tensor, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """The `n` best-scoring tokens per row, sorted ascending.
 

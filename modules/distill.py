@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.budget import effective_budget
 from modules.config import to_config
 from modules.head import PrunerConfig, PrunerHead
 from modules.metrics import distill_metrics
@@ -247,10 +248,7 @@ class DistillPruner(L.LightningModule):
 
     def effective_tokens(self, n1: int, n2: int | None) -> float:
         """FLOPs-equivalent visual tokens per layer: (K * n1 + (L - K) * n2) / L."""
-        if n2 is None:
-            return float(n1)
-        layers, k = self.pruned.adapter.num_layers, self.pruned.layer
-        return (k * n1 + (layers - k) * n2) / layers
+        return effective_budget(n1, n2, self.pruned.layer, self.pruned.adapter.num_layers)
 
     # ---- Lightning hooks -----------------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx) -> None:
