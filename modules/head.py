@@ -38,6 +38,8 @@ class PrunerConfig:
     heads: int = 4
     mode: str = "straight_through"
     tau: float = 1.0
+    question: bool = False
+    prompt_dim: int | None = None
     model_type: str | None = None
     num_tokens: int | None = None
     grid: list[int] | None = None
@@ -57,6 +59,9 @@ class PrunerConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by heads={self.heads}")
+        if self.question and not self.prompt_dim:
+            raise ValueError("question=True needs prompt_dim (the language model's embedding size); build the head "
+                             "with PrunerHead.for_model(adapter, question=True)")
 
 
 @dataclass
@@ -87,6 +92,12 @@ class PrunerHead(nn.Module, ScoreSelector):
       the pruned one (cost falls with n) and gradients reach the head.
     - "soft_mask": keeps every token and adds log(p) to the attention bias of the visual keys (DynamicViT-style),
       with the budget term (mean(p) - n/N)^2.
+
+    `question=True` (our extension) makes the head question-aware: the prompt's text-token input embeddings
+    (B, T, prompt_dim), projected to d and given sinusoidal positions in text order, join the visual tokens in the
+    encoder blocks, and only the visual outputs are scored. A question-blind head must keep every object the
+    question *might* ask about; at a few tokens per image it cannot (ToyWorld at 4 of 64 tokens: count of a
+    colour falls to 70%), while the tokens a given question needs fit easily.
     """
 
     needs_weights = True  # no meaningful default instance: not part of DEFAULT_SELECTORS
@@ -98,6 +109,9 @@ class PrunerHead(nn.Module, ScoreSelector):
         self.source: str | None = None
         self.norm_in = nn.LayerNorm(cfg.in_dim)
         self.proj_in = nn.Linear(cfg.in_dim, cfg.d_model)
+        if cfg.question:
+            self.norm_prompt = nn.LayerNorm(cfg.prompt_dim)
+            self.proj_prompt = nn.Linear(cfg.prompt_dim, cfg.d_model)
         block = nn.TransformerEncoderLayer(cfg.d_model, cfg.heads, dim_feedforward=4 * cfg.d_model, dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(block, cfg.depth, enable_nested_tensor=False)
@@ -117,14 +131,35 @@ class PrunerHead(nn.Module, ScoreSelector):
                              f"{self.config.in_dim}, got dim {x.shape[-1]}")
         return x
 
+    @property
+    def reads_prompt(self) -> bool:
+        """PrunedVLM attaches the prompt embeddings to VisionTokens for selectors that read them."""
+        return self.config.question
+
     def logits(self, tokens: VisionTokens) -> torch.Tensor:
         x = self.features(tokens).to(self.proj_in.weight.dtype)
         h = self.proj_in(self.norm_in(x))
-        pad = None if tokens.valid is None else ~tokens.valid
-        if pad is not None and bool(pad.all(dim=1).any()):
+        pad = ~tokens.valid_or_all()
+        if self.config.question:
+            prompt, prompt_pad = self.prompt_tokens(tokens)
+            h, pad = torch.cat([h, prompt], dim=1), torch.cat([pad, prompt_pad], dim=1)
+        if bool(pad.all(dim=1).any()):
             pad = None  # an all-padding row would make attention undefined; its ranking is moot anyway
-        h = self.blocks(h, src_key_padding_mask=pad)
+        h = self.blocks(h, src_key_padding_mask=pad)[:, :tokens.num_tokens]
         return self.proj_out(self.norm_out(h)).squeeze(-1).float()
+
+    def prompt_tokens(self, tokens: VisionTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, d) projected prompt embeddings with positions in text order, and (B, T) True where not text."""
+        if tokens.prompt is None:
+            raise ValueError("this head is question-aware (question=True) but VisionTokens.prompt is None: select "
+                             "through PrunedVLM, which attaches the prompt")
+        if tokens.prompt.shape[-1] != self.config.prompt_dim:
+            raise ValueError(f"question-aware head expects prompt embeddings of dim {self.config.prompt_dim}, got "
+                             f"{tokens.prompt.shape[-1]}")
+        text = tokens.prompt_mask
+        h = self.proj_prompt(self.norm_prompt(tokens.prompt.to(self.proj_prompt.weight.dtype)))
+        order = (text.long().cumsum(dim=1) - 1).clamp(min=0)  # left padding and image tokens do not shift words
+        return h + sinusoidal(order, h.shape[-1]).to(h.dtype), ~text
 
     def score(self, tokens: VisionTokens) -> torch.Tensor:
         return self.logits(tokens)
@@ -165,16 +200,21 @@ class PrunerHead(nn.Module, ScoreSelector):
         if dim != cfg.in_dim:
             raise ValueError(f"pruner head expects {cfg.features}-projector features of dim {cfg.in_dim}, but this "
                              f"model's {cfg.features}-projector features have dim {dim}")
+        if cfg.question and adapter.feature_dims["post"] != cfg.prompt_dim:
+            raise ValueError(f"question-aware pruner head reads prompt embeddings of dim {cfg.prompt_dim}, this "
+                             f"model's language model has dim {adapter.feature_dims['post']}")
         if cfg.num_tokens is not None and adapter.num_image_tokens != cfg.num_tokens:
             raise ValueError(f"pruner head was trained for N={cfg.num_tokens} visual tokens per image, the model "
                              f"has N={adapter.num_image_tokens}")
 
     @classmethod
-    def for_model(cls, adapter: VLMAdapter, features: str = "pre", **params: Any) -> PrunerHead:
+    def for_model(cls, adapter: VLMAdapter, features: str = "pre", question: bool = False,
+                  **params: Any) -> PrunerHead:
         """A fresh head sized for the model behind `adapter`, recording what it is trained for."""
         return cls(PrunerConfig(in_dim=adapter.feature_dims[features], features=features,
-                                model_type=adapter.model.config.model_type,
-                                num_tokens=adapter.num_image_tokens, **params))
+                                model_type=adapter.model.config.model_type, num_tokens=adapter.num_image_tokens,
+                                question=question, prompt_dim=adapter.feature_dims["post"] if question else None,
+                                **params))
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -233,6 +273,15 @@ class PrunerHead(nn.Module, ScoreSelector):
         return PruningPlan(stage1=self, n1=cfg.n1 if cfg.n1 is not None else 0.25, stage2=cfg.stage2,
                            n2=cfg.n2 if cfg.stage2 is not None else None,
                            layer=cfg.layer if cfg.stage2 is not None else None)
+
+
+def sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer sine/cosine encodings of integer positions (...,) -> (..., dim): no table, any length."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device) / half)
+    angles = positions.float().unsqueeze(-1) * freqs
+    enc = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return nn.functional.pad(enc, (0, dim - 2 * half))
 
 
 def load_pruned(model: nn.Module, path: str | Path):

@@ -272,6 +272,8 @@ class PrunedVLM(nn.Module):
         if position_ids is None:
             position_ids = self.adapter.default_position_ids(input_ids, attention_mask, for_generation)
         tokens = self.encode(pixel_values, image_sizes)
+        if getattr(self.selector, "reads_prompt", False):
+            tokens = self.attach_prompt(tokens, input_ids, attention_mask)
         n1, n2 = self.plan.budgets(tokens.num_tokens)
         self.last_aux_loss = None
         selection = self.select_stage1(tokens, n1)
@@ -291,6 +293,15 @@ class PrunedVLM(nn.Module):
 
     def encode(self, pixel_values: torch.Tensor, image_sizes=None) -> VisionTokens:
         return self.adapter.encode(pixel_values, image_sizes)
+
+    def attach_prompt(self, tokens: VisionTokens, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                      ) -> VisionTokens:
+        """Give each image the input embeddings of its prompt's text tokens (for question-aware selectors)."""
+        per_row = tokens.batch_size // input_ids.shape[0]
+        text = attention_mask.bool() & (input_ids != self.adapter.image_token_id)
+        embeds = self.adapter.embed_tokens(input_ids).detach()
+        return replace(tokens, prompt=embeds.repeat_interleave(per_row, dim=0),
+                       prompt_mask=text.repeat_interleave(per_row, dim=0))
 
     def select_stage1(self, tokens: VisionTokens, n1: int) -> TrainSelection:
         for observer in self.observers[1]:

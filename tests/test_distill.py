@@ -35,6 +35,14 @@ def test_gradients_reach_only_the_head_without_lora(tiny_workspace, tiny_batch, 
     assert {n for n, p in module.named_parameters() if p.requires_grad} == head
 
 
+def test_question_aware_head_learns_from_the_prompt(tiny_workspace, tiny_batch):
+    module = make_module(tiny_workspace, head={**HEAD, "mode": "soft_mask", "question": True})
+    module.shared_step(tiny_batch, module.train_metrics).backward()
+    touched = grads(module)
+    assert {"pruned.selector.proj_prompt.weight", "pruned.selector.proj_in.weight"} <= touched
+    assert not any(name.startswith("pruned.model") for name in touched)  # the embeddings stay frozen
+
+
 def test_lora_adapters_train_with_the_head_never_the_vision_tower(tiny_workspace, tiny_batch):
     module = make_module(tiny_workspace, lora={"r": 4}, ce_weight=0.5)
     module.shared_step(tiny_batch, module.train_metrics).backward()

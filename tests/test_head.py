@@ -121,3 +121,47 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
         PrunerHead(in_dim=8, mode="hard")
     with pytest.raises(ValueError, match="save_pretrained"):
         PruningPlan(stage1=small_head(), n1=4).save(tmp_path / "p.json")
+
+
+def question_tokens(adapter, processor, batch, prompts):
+    """The batch's images with each prompt of `prompts` attached the way PrunedVLM attaches it."""
+    pruned = PrunedVLM(adapter.model, PruningPlan())
+    text = processor(images=None, text=prompts, return_tensors="pt", padding=True)
+    tokens = adapter.encode(batch["pixel_values"], batch["image_sizes"])
+    return pruned.attach_prompt(tokens, text["input_ids"], text["attention_mask"])
+
+
+def test_question_aware_head_reads_the_prompt_not_its_padding(sdpa_model, processor, batch):
+    adapter = get_adapter(sdpa_model)
+    torch.manual_seed(2)
+    head = PrunerHead.for_model(adapter, d_model=32, depth=1, heads=2, question=True).eval()
+    questions = ["what color is the cat", "is the dog left of the car", "how many"]
+    tokens = question_tokens(adapter, processor, batch, questions)
+    check_keep(head.select(tokens, 5), tokens, 5)
+    other = question_tokens(adapter, processor, batch, ["how many", "what color is the cat", "is it"])
+    assert not torch.allclose(head.logits(tokens), head.logits(other))
+    # each row alone (no left padding) scores exactly as in the padded batch
+    for row, question in enumerate(questions):
+        alone = question_tokens(adapter, processor, {k: v[row:row + 1] for k, v in batch.items()}, [question])
+        torch.testing.assert_close(head.logits(alone)[0], head.logits(tokens)[row], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="VisionTokens.prompt is None"):
+        head.logits(adapter.encode(batch["pixel_values"], batch["image_sizes"]))
+
+
+def test_question_aware_head_round_trips_and_serves(tmp_path, sdpa_model, processor, batch):
+    adapter = get_adapter(sdpa_model)
+    head = PrunerHead.for_model(adapter, d_model=32, depth=1, heads=2, question=True).eval()
+    assert head.config.prompt_dim == adapter.feature_dims["post"]
+    head.save_pretrained(tmp_path / "q")
+    loaded = PrunerHead.from_pretrained(tmp_path / "q")
+    pruned = PrunedVLM(sdpa_model, PruningPlan(stage1=loaded, n1=5))
+    with torch.no_grad():
+        pruned(**batch)
+    tokens = PrunedVLM(sdpa_model, PruningPlan()).attach_prompt(
+        adapter.encode(batch["pixel_values"], batch["image_sizes"]), batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(pruned.last_kept["stage1"], head.select(tokens, 5))
+    loaded.config.prompt_dim = 7
+    with pytest.raises(ValueError, match="prompt embeddings of dim 7"):
+        PrunedVLM(sdpa_model, PruningPlan(stage1=loaded, n1=4))
+    with pytest.raises(ValueError, match="question=True needs prompt_dim"):
+        PrunerHead(in_dim=8, question=True)

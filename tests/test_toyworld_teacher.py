@@ -158,3 +158,34 @@ def test_qtype_weights_curriculum():
     for bad in ({"left_off": 1.0}, {"left_of": -1.0}, {"left_of": 0.0}):
         with pytest.raises(ValueError, match="qtype_weights"):
             ToyWorldStreamModule(qtype_weights=bad)
+
+
+def test_relation_loss_reads_both_columns_at_the_answer_position(stream_batch, tmp_path):
+    stream = ToyWorldStream("train", 8, {name: 50.0 if name == "left_of" else 1.0 for name in tw.QUESTION_TYPES})
+    batch = ToyWorldCollator(tw.toyworld_processor())([stream[i] for i in range(6)])
+    paired = (batch["ground_pos"] >= 0).all(dim=1)
+    assert paired.any() and (~paired).any()
+    ToyWorldTeacher(stage="vision", **SMALL).save_stage(tmp_path)
+    plain = ToyWorldTeacher(stage="symbolic", init_from=str(tmp_path))
+    related = ToyWorldTeacher(stage="symbolic", init_from=str(tmp_path), relation_weight=2.0, relation_layer=1)
+    related.load_state_dict(plain.state_dict())
+    base, _ = plain.step_loss(batch)
+    loss, stats = related.step_loss(batch)
+    hidden = related.qa_forward(batch, hidden=True).hidden_states[1]
+    # independent reference: the hidden state just before each left_of question's first answer token
+    answer_at = torch.tensor([int(torch.nonzero(row != -100)[0]) - 1 for row in batch["labels"]])
+    states = hidden[torch.arange(len(answer_at)), answer_at][paired]
+    target = batch["ground_col"][paired].float() / (tw.GRID - 1)
+    expected = 4.0 * torch.nn.functional.mse_loss(related.probe.pair(states), target)
+    torch.testing.assert_close(loss, base + 2.0 * expected)
+    assert 0 <= float(stats["relation_acc"]) <= 1
+    expected.backward()
+    touched = {n for n, p in related.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert "probe.pair.weight" in touched
+    assert any(n.startswith("vlm.model.language_model.layers.0.") for n in touched)
+    assert not any(n.startswith("vlm.model.language_model.layers.1.") for n in touched), "reads layer 1's output"
+    no_pairs = {**batch, "ground_pos": batch["ground_pos"].masked_fill(paired.unsqueeze(1), -1)}
+    zero, _ = related.relation_loss(hidden, batch["labels"][:, 1:], no_pairs)
+    assert float(zero.detach()) == 0.0
+    with pytest.raises(ValueError, match="relation_layer=0"):
+        ToyWorldTeacher(stage="symbolic", init_from=str(tmp_path), relation_layer=0)

@@ -24,6 +24,8 @@ class VisionTokens:
     valid:     (B, N) bool, False for tokens that cover only padding (pad-to-square, anyres), or None (all valid).
     grid:      (h, w) patch grid with h * w == N, or None when tokens do not form one grid.
     positions: original position ids of the tokens in the prompt: (B, N), or (3, B, N) for M-RoPE, or None.
+    prompt:    (B, T, D) input embeddings of the prompt each image belongs to, or None (question-aware selectors).
+    prompt_mask: (B, T) bool, True for the prompt's text tokens (not image tokens, not padding), or None.
     """
 
     feats: torch.Tensor
@@ -32,6 +34,8 @@ class VisionTokens:
     valid: torch.Tensor | None = None
     grid: tuple[int, int] | None = None
     positions: torch.Tensor | None = None
+    prompt: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.feats.dim() != 3:
@@ -43,6 +47,11 @@ class VisionTokens:
                 raise ValueError(f"VisionTokens.{name} has shape {tuple(t.shape)}, expected ({b}, {n}, ...)")
         if self.grid is not None and self.grid[0] * self.grid[1] != n:
             raise ValueError(f"VisionTokens.grid {self.grid} does not cover N={n} tokens")
+        if (self.prompt is None) != (self.prompt_mask is None):
+            raise ValueError("VisionTokens.prompt and prompt_mask come together")
+        if self.prompt is not None and (self.prompt.shape[0] != b or self.prompt_mask.shape != self.prompt.shape[:2]):
+            raise ValueError(f"VisionTokens.prompt {tuple(self.prompt.shape)} / prompt_mask "
+                             f"{tuple(self.prompt_mask.shape)} do not match B={b} images")
 
     @property
     def batch_size(self) -> int:
@@ -68,7 +77,7 @@ class VisionTokens:
             positions = positions[:, rows] if positions.dim() == 3 else positions[rows]
         return replace(
             self, feats=self.feats[rows], pre=pick(self.pre), cls_attn=pick(self.cls_attn),
-            valid=pick(self.valid), positions=positions,
+            valid=pick(self.valid), positions=positions, prompt=pick(self.prompt), prompt_mask=pick(self.prompt_mask),
         )
 
 

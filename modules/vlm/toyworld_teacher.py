@@ -83,6 +83,7 @@ class GroundingProbe(nn.Module):
         self.row = nn.Linear(dim, grid)
         self.col = nn.Linear(dim, grid)
         self.ordinal = nn.Linear(dim, 2)
+        self.pair = nn.Linear(dim, 2)  # at the answer position: the columns of both objects a question compares
 
 
 class ToyWorldTeacher(L.LightningModule):
@@ -100,13 +101,18 @@ class ToyWorldTeacher(L.LightningModule):
             symbolic steps): a yes/no answer is too weak a signal to discover that it must first find two named
             objects; the grounding loss asks the hidden state at "circle" in "the red circle" for that object's
             patch, i.e. it supervises the find step directly (like the grounding data of real VLM training).
+        relation_weight, relation_layer: weight of the relation loss and the decoder layer it reads (default: the
+            one before last). Grounding alone still left left_of at chance in a mixed-question run: the words
+            know where their objects are, but the answer position never gathers both positions. The relation
+            loss asks the hidden state that predicts the answer for the columns of *both* compared objects, so
+            the last layer only has to subtract them.
     """
 
     def __init__(self, stage: str, init_from: str | None = None, out_dir: str | None = None,
                  vision_hidden: int = 128, vision_layers: int = 3, text_hidden: int = 128, text_layers: int = 4,
                  heads: int = 4, lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 100,
                  shape_weight: float = 3.0, center_weight: float = 5.0, ground_weight: float = 0.0,
-                 ground_layer: int | None = None):
+                 ground_layer: int | None = None, relation_weight: float = 0.0, relation_layer: int | None = None):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"stage={stage!r}; use one of {STAGES}")
@@ -139,6 +145,9 @@ class ToyWorldTeacher(L.LightningModule):
         self.ground_layer = n_layers // 2 if ground_layer is None else ground_layer
         if not 1 <= self.ground_layer <= n_layers:
             raise ValueError(f"ground_layer={ground_layer} must be in 1..{n_layers}")
+        self.relation_layer = n_layers - 1 if relation_layer is None else relation_layer
+        if not 1 <= self.relation_layer <= n_layers:
+            raise ValueError(f"relation_layer={relation_layer} must be in 1..{n_layers}")
         if init_from is not None and (Path(init_from) / SYMBOLIC_FILE).is_file():
             self._load_extras(load_file(str(Path(init_from) / SYMBOLIC_FILE)))
         self.qtypes = tw.QUESTION_TYPES
@@ -215,16 +224,22 @@ class ToyWorldTeacher(L.LightningModule):
         return self.qa_forward(batch).logits
 
     def qa_loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        grounded = self.hparams.ground_weight > 0 and "ground_pos" in batch
-        out = self.qa_forward(batch, hidden=grounded)
+        hp = self.hparams
+        grounded = hp.ground_weight > 0 and "ground_pos" in batch
+        related = hp.relation_weight > 0 and "ground_pos" in batch
+        out = self.qa_forward(batch, hidden=grounded or related)
         logits = out.logits[:, :-1]
         labels = batch["labels"][:, 1:]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         stats = {"answer_acc": self._first_answer_correct(logits, labels).float().mean()}
         if grounded:
             ground, ground_acc = self.grounding_loss(out.hidden_states[self.ground_layer], batch)
-            loss = loss + self.hparams.ground_weight * ground
+            loss = loss + hp.ground_weight * ground
             stats["ground_acc"] = ground_acc
+        if related:
+            relation, relation_acc = self.relation_loss(out.hidden_states[self.relation_layer], labels, batch)
+            loss = loss + hp.relation_weight * relation
+            stats["relation_acc"] = relation_acc
         return loss, stats
 
     def grounding_loss(self, hidden: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +257,23 @@ class ToyWorldTeacher(L.LightningModule):
                 + ORDINAL_WEIGHT * F.mse_loss(self.probe.ordinal(states), where))
         acc = ((row_logits.argmax(-1) == row) & (col_logits.argmax(-1) == col)).float().mean()
         return loss, acc.detach()
+
+    def relation_loss(self, hidden: torch.Tensor, labels: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """MSE of the probe's two columns at the answer position of questions that name two objects (left_of);
+        and how often the sign of their difference is right."""
+        paired = (batch["ground_pos"] >= 0).all(dim=1)
+        if not bool(paired.any()):
+            zero = hidden.sum() * 0.0
+            return zero, zero.detach()
+        first = (labels != -100).float().argmax(dim=1)  # hidden[:, t] predicts labels[:, t] (already shifted)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        states = hidden[rows, first][paired].float()
+        cols = batch["ground_col"][paired].float() / (self.probe.col.out_features - 1)
+        pred = self.probe.pair(states)
+        apart = cols[:, 0] != cols[:, 1]  # objects in one patch column have no order to get right
+        right = ((pred[:, 0] < pred[:, 1]) == (cols[:, 0] < cols[:, 1]))[apart]
+        acc = right.float().mean() if bool(apart.any()) else pred.new_tensor(1.0)
+        return ORDINAL_WEIGHT * F.mse_loss(pred, cols), acc.detach()
 
     @staticmethod
     def _first_answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
