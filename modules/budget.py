@@ -35,8 +35,8 @@ def effective_budget(n1: int, n2: int | None, layer: int, num_layers: int) -> fl
     return (layer * n1 + (num_layers - layer) * n2) / num_layers
 
 
-def topk_keep(scores: torch.Tensor, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """The `n` best-scoring tokens per row, sorted ascending.
+def topk_order(scores: torch.Tensor, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The `n` best-scoring tokens per row, best first.
 
     Ranks valid tokens before padding tokens (so padding is chosen only once every valid token is), then by
     score descending, then by lower index (stable sort). scores: (B, N); valid: (B, N) bool or None.
@@ -45,4 +45,9 @@ def topk_keep(scores: torch.Tensor, n: int, valid: torch.Tensor | None = None) -
     if valid is not None:
         rank_valid = (~valid).gather(-1, order).to(torch.uint8)
         order = order.gather(-1, torch.sort(rank_valid, dim=-1, stable=True).indices)
-    return order[:, :n].sort(dim=-1).values
+    return order[:, :n]
+
+
+def topk_keep(scores: torch.Tensor, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The `n` tokens of `topk_order`, sorted ascending (spatial order)."""
+    return topk_order(scores, n, valid).sort(dim=-1).values

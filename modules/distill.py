@@ -51,6 +51,25 @@ def load_vlm(model: str | None, model_config: dict | None, attn_implementation: 
     return AutoModelForImageTextToText.from_config(cfg, dtype=torch_dtype)
 
 
+PER_IMAGE = ("pixel_values", "image_sizes")  # batch entries with one row per image, not per prompt
+
+
+def replicate_batch(batch: dict[str, Any], copies: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """Each prompt `copies` times in a row (prompt b -> rows b*copies ... b*copies + copies-1), its images with it;
+    and the image row each new image row comes from."""
+    prompts = batch["input_ids"].shape[0]
+    per_prompt = batch["pixel_values"].shape[0] // prompts
+    prompt_rows = torch.arange(prompts, device=batch["input_ids"].device).repeat_interleave(copies)
+    image_rows = (prompt_rows.unsqueeze(1) * per_prompt + torch.arange(per_prompt, device=prompt_rows.device)
+                  ).flatten()
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.dim() > 0:
+            value = value[image_rows if key in PER_IMAGE else prompt_rows]
+        out[key] = value
+    return out, image_rows
+
+
 class DistillPruner(L.LightningModule):
     """LightningModule that trains a `PrunerHead` (stage 1) by distillation, optionally with stage 2 active.
 
@@ -66,7 +85,10 @@ class DistillPruner(L.LightningModule):
             how it trains (mode, tau), not its architecture.
         lora: {"r": 8, "alpha": 16, "dropout": 0.0, "target": regex} adds LoRA to the language model.
         kl_temperature, hidden_mse_weight, ce_weight, budget_weight: loss terms.
-        tau_start, tau_end: Gumbel noise scale of the straight-through top-k, annealed linearly.
+        tau_start, tau_end: Gumbel noise scale of the straight-through top-k (the policy's temperature in
+            `head: {mode: policy}`), annealed linearly.
+        policy_samples: selections sampled per training input in policy mode (>= 2: each sample's baseline is
+            the mean reward of the others, REINFORCE leave-one-out); the student pass runs on that many copies.
         lr, weight_decay, warmup_steps: AdamW with linear warm-up and cosine decay.
         gradient_checkpointing: recompute the language model's activations in the backward pass.
         attn_implementation, dtype: how the VLM is loaded ("sdpa", "bfloat16", ...).
@@ -91,6 +113,7 @@ class DistillPruner(L.LightningModule):
         budget_weight: float = 1.0,
         tau_start: float = 1.0,
         tau_end: float = 0.05,
+        policy_samples: int = 4,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
@@ -103,6 +126,8 @@ class DistillPruner(L.LightningModule):
         self.save_hyperparameters()
         if kl_temperature <= 0:
             raise ValueError(f"kl_temperature={kl_temperature} must be positive")
+        if policy_samples < 2:
+            raise ValueError(f"policy_samples={policy_samples}: the leave-one-out baseline needs at least 2")
         if train_n1 is not None and not train_n1:
             raise ValueError("train_n1=[] lists no budget; leave it unset to train at n1 only")
         for budget in train_n1 or ():
@@ -206,10 +231,20 @@ class DistillPruner(L.LightningModule):
         if "input_ids" not in batch:  # every sample of the batch was a bad record
             return None
         hp = self.hparams
-        labels = batch["labels"]
         want_hidden = hp.hidden_mse_weight > 0
         teacher = self._teacher(batch, want_hidden)
-        student = self.pruned(**{k: batch[k] for k in MODEL_INPUTS if k in batch},
+        t_logits_all = teacher.logits
+        t_hidden_all = teacher.hidden_states[-1] if want_hidden else None
+        copies = hp.policy_samples if self._policy_step() else 1
+        vision_tokens = None
+        if copies > 1:  # several sampled selections per input; the teacher and the vision tower run once
+            vision_tokens = self.pruned.encode(batch["pixel_values"], batch.get("image_sizes"))
+            batch, image_rows = replicate_batch(batch, copies)
+            vision_tokens = vision_tokens.index(image_rows)
+            t_logits_all = t_logits_all.repeat_interleave(copies, dim=0)
+            t_hidden_all = None if t_hidden_all is None else t_hidden_all.repeat_interleave(copies, dim=0)
+        labels = batch["labels"]
+        student = self.pruned(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, vision_tokens=vision_tokens,
                               prompt_end=batch.get("prompt_end"), output_hidden_states=want_hidden)
         positions = self.pruned.last_positions  # (B, L_out) original index of each student row
         # row p predicts the label at p + 1; answers are text, so every predicting row survives pruning
@@ -218,21 +253,23 @@ class DistillPruner(L.LightningModule):
         if not bool(rows.any()):
             raise ValueError("a batch has no answer tokens (labels are all -100)")
         s_logits = student.logits[rows].float()
-        t_logits = teacher.logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, teacher.logits.shape[-1]))
+        t_logits = t_logits_all.gather(1, positions.unsqueeze(-1).expand(-1, -1, t_logits_all.shape[-1]))
         t_logits = t_logits[rows].float()
         temp = hp.kl_temperature
-        kl = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1), log_target=True,
-                      reduction="batchmean") * temp**2
+        row_kl = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1), log_target=True,
+                          reduction="none").sum(-1) * temp**2
+        kl = row_kl.mean()
         loss = kl
         if hp.hidden_mse_weight > 0:
-            t_hidden = teacher.hidden_states[-1].gather(
-                1, positions.unsqueeze(-1).expand(-1, -1, teacher.hidden_states[-1].shape[-1]))
+            t_hidden = t_hidden_all.gather(1, positions.unsqueeze(-1).expand(-1, -1, t_hidden_all.shape[-1]))
             loss = loss + hp.hidden_mse_weight * F.mse_loss(student.hidden_states[-1][rows].float(),
                                                             t_hidden[rows].float())
         if hp.ce_weight > 0:
             loss = loss + hp.ce_weight * F.cross_entropy(s_logits, next_labels[rows])
         if self.pruned.last_aux_loss is not None:
             loss = loss + hp.budget_weight * self.pruned.last_aux_loss
+        if copies > 1:
+            loss = loss + self.policy_loss(row_kl, rows, copies)
         n_tokens = self.pruned.adapter.num_image_tokens
         n1, n2 = self.pruned.plan.budgets(n_tokens)
         # answers are judged on their first token (the one the prompt alone predicts), agreement on every token;
@@ -245,6 +282,21 @@ class DistillPruner(L.LightningModule):
         metrics["kl"](kl.detach())
         metrics["kept_ratio"](torch.tensor(self.effective_tokens(n1, n2) / n_tokens))
         return loss
+
+    def _policy_step(self) -> bool:
+        return self.head.config.mode == "policy" and self.head.training and torch.is_grad_enabled()
+
+    def policy_loss(self, row_kl: torch.Tensor, rows: torch.Tensor, copies: int) -> torch.Tensor:
+        """REINFORCE with a leave-one-out baseline: reward = -KL of a sampled selection (mean over its answer
+        rows), advantage = reward - mean reward of the other samples of the same input; returns
+        -mean(advantage * log-probability of the selection). The student's loss terms carry no gradient in this
+        mode (its tokens are hard-selected), so this is what trains the head."""
+        sample = rows.nonzero()[:, 0]
+        per_sample = torch.zeros(rows.shape[0], device=row_kl.device).index_add(0, sample, row_kl.detach())
+        reward = -(per_sample / rows.sum(dim=1).clamp(min=1)).view(-1, copies)
+        baseline = (reward.sum(dim=1, keepdim=True) - reward) / (copies - 1)
+        advantage = (reward - baseline).flatten()
+        return -(advantage * self.pruned.last_log_prob).mean()
 
     def effective_tokens(self, n1: int, n2: int | None) -> float:
         """FLOPs-equivalent visual tokens per layer: (K * n1 + (L - K) * n2) / L."""

@@ -207,18 +207,20 @@ class PrunedVLM(nn.Module):
         self.last_kept: dict[str, torch.Tensor] = {}
         self.last_stage2_scores: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
+        self.last_log_prob: torch.Tensor | None = None  # policy training: log-probability of each row's selection
         self.last_positions: torch.Tensor | None = None
 
     # ---- public API ------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                image_sizes=None, labels=None, prompt_end=None, **kwargs):
+                image_sizes=None, labels=None, prompt_end=None, vision_tokens: VisionTokens | None = None, **kwargs):
         """`prompt_end` (B,): index of the last prompt token when the sequence also holds the answer (training),
-        so stage 2 scores from the prompt alone."""
+        so stage 2 scores from the prompt alone. `vision_tokens`: the encoder's output for `pixel_values`, when
+        the caller already has it (training several selections of one image encodes it once)."""
         if self.plan.is_noop or pixel_values is None:
             return self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                               position_ids=position_ids, labels=labels, **kwargs)
         spliced, n2, per_row = self.prepare(input_ids, pixel_values, attention_mask, position_ids, image_sizes,
-                                            for_generation=False)
+                                            for_generation=False, vision_tokens=vision_tokens)
         mask = spliced.attention_mask
         if spliced.key_bias is not None:  # soft-mask training: visual keys weighted by the head's probabilities
             mask = additive_attention_mask(spliced.attention_mask, spliced.key_bias, spliced.inputs_embeds.dtype)
@@ -257,8 +259,8 @@ class PrunedVLM(nn.Module):
         return out
 
     # ---- the data path -------------------------------------------------------------------------------------
-    def prepare(self, input_ids, pixel_values, attention_mask, position_ids, image_sizes, for_generation: bool
-                ) -> tuple[Spliced, int | None, int]:
+    def prepare(self, input_ids, pixel_values, attention_mask, position_ids, image_sizes, for_generation: bool,
+                vision_tokens: VisionTokens | None = None) -> tuple[Spliced, int | None, int]:
         """Stage 1: encode the images, select n1 tokens per image, splice them into the prompt."""
         if input_ids is None:
             raise ValueError("PrunedVLM needs input_ids (to find the image tokens); inputs_embeds is not enough")
@@ -271,18 +273,23 @@ class PrunedVLM(nn.Module):
         self.adapter.image_positions(input_ids, n_images)  # count checks before the vision tower runs
         if position_ids is None:
             position_ids = self.adapter.default_position_ids(input_ids, attention_mask, for_generation)
-        tokens = self.encode(pixel_values, image_sizes)
+        if vision_tokens is None:
+            tokens = self.encode(pixel_values, image_sizes)
+        elif vision_tokens.batch_size != n_images:
+            raise ValueError(f"vision_tokens hold {vision_tokens.batch_size} images, pixel_values {n_images}")
+        else:
+            tokens = vision_tokens
         if getattr(self.selector, "reads_prompt", False):
             tokens = self.attach_prompt(tokens, input_ids, attention_mask)
         n1, n2 = self.plan.budgets(tokens.num_tokens)
-        self.last_aux_loss = None
+        self.last_aux_loss = self.last_log_prob = None
         selection = self.select_stage1(tokens, n1)
         keep1 = selection.keep
         if selection.scale is not None:  # straight-through: value 1, gradient to the head
             scale = torch.ones(tokens.feats.shape[:2], dtype=selection.scale.dtype, device=keep1.device)
             tokens = replace(tokens, feats=tokens.feats * scale.scatter(1, keep1, selection.scale).unsqueeze(-1)
                              .to(tokens.feats.dtype))
-        self.last_aux_loss = selection.aux_loss
+        self.last_aux_loss, self.last_log_prob = selection.aux_loss, selection.log_prob
         self.last_kept = {"stage1": keep1}
         spliced = self.adapter.splice(input_ids, attention_mask, position_ids, tokens, keep1)
         if selection.key_bias is not None:

@@ -118,3 +118,24 @@ def test_multi_process_fit_export_load(strategy, tiny_workspace, tmp_path):
     assert ckpt.exists()
     run_trainer(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "head")], tiny_workspace, tmp_path)
     head_prunes(tmp_path / "head", tiny_workspace)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["demo.yaml", "toyworld/pruner.yaml"])
+def test_toyworld_recipe_runs_on_the_shipped_teacher(config, tmp_path):
+    """The quick-start demo and the shipped pruner's recipe run as written (step counts cut, data shrunk to two
+    batches per epoch: more steps than batches is what made them crash before validation was step-based), print
+    the unpruned-vs-pruned report and export a head that loads."""
+    teacher = str(REPO / "checkpoints" / "toyworld-teacher")
+    env = trainer_env(tmp_path, tmp_path)
+    env["TOYWORLD_DATA"] = str(tmp_path / "data")
+    args = ["fit", "--config", str(REPO / "configs" / config), "--model.init_args.model", teacher,
+            "--data.init_args.processor", teacher, "--data.init_args.n_train", "64", "--data.init_args.n_val", "32",
+            "--data.init_args.n_test", "32", "--trainer.max_steps", "3"]
+    proc = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Validation answer accuracy -- unpruned (64 visual tokens)" in proc.stdout + proc.stderr
+    exported = {"demo.yaml": "outputs/demo/pruner", "toyworld/pruner.yaml": "outputs/toyworld/pruner"}[config]
+    head = PrunerHead.from_pretrained(tmp_path / exported)
+    assert head.config.n1 == 4 and head.config.num_tokens == 64

@@ -6,8 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modules.distill import DistillPruner
+from modules.pruned_vlm import PrunedVLM, PruningPlan
+from modules.selectors import Selector
 
 HEAD = {"d_model": 32, "depth": 1, "heads": 2}
 
@@ -25,7 +28,7 @@ def grads(module: DistillPruner) -> set[str]:
     return {n for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
 
 
-@pytest.mark.parametrize("mode", ["straight_through", "soft_mask"])
+@pytest.mark.parametrize("mode", ["straight_through", "soft_mask", "policy"])
 def test_gradients_reach_only_the_head_without_lora(tiny_workspace, tiny_batch, mode):
     module = make_module(tiny_workspace, n2=2, layer=2, head={**HEAD, "mode": mode})
     module.shared_step(tiny_batch, module.train_metrics).backward()
@@ -41,6 +44,50 @@ def test_question_aware_head_learns_from_the_prompt(tiny_workspace, tiny_batch):
     touched = grads(module)
     assert {"pruned.selector.proj_prompt.weight", "pruned.selector.proj_in.weight"} <= touched
     assert not any(name.startswith("pruned.model") for name in touched)  # the embeddings stay frozen
+
+
+class FixedSelection(Selector):
+    """Keeps given indices (one row): replays a selection the policy sampled."""
+
+    def __init__(self, keep: torch.Tensor):
+        self.kept = keep
+
+    def keep(self, tokens, n):
+        return self.kept
+
+
+def test_policy_loss_is_reinforce_with_a_leave_one_out_baseline(tiny_workspace, tiny_batch):
+    copies, n1 = 3, 3
+    module = make_module(tiny_workspace, n1=n1, head={**HEAD, "mode": "policy"}, policy_samples=copies)
+    module.head.noise_seed = 5
+    loss = module.shared_step(tiny_batch, module.train_metrics)
+    log_prob, keep = module.pruned.last_log_prob, module.pruned.last_kept["stage1"]
+    rows = copies * tiny_batch["input_ids"].shape[0]
+    assert log_prob.shape == (rows,) and keep.shape == (rows, n1)
+    # independent reference: replay each sampled selection alone; reward = -(its mean KL over answer tokens),
+    # baseline = the mean reward of the other copies of the same input
+    teacher = module._teacher(tiny_batch, False).logits
+    inputs = [k for k in ("input_ids", "pixel_values", "attention_mask", "image_sizes") if k in tiny_batch]
+    per_copy, every_row = [], []
+    with torch.no_grad():
+        for row in range(rows):
+            b = row // copies
+            pruned = PrunedVLM(module.vlm, PruningPlan(stage1=FixedSelection(keep[row:row + 1]), n1=n1))
+            student = pruned(**{k: tiny_batch[k][b:b + 1] for k in inputs}).logits[0]
+            positions = pruned.last_positions[0]  # the surviving rows of the pruned sequence
+            answer = F.pad(tiny_batch["labels"][b, 1:], (0, 1), value=-100)[positions] != -100
+            s, t = student[answer], teacher[b, positions][answer]
+            kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+            per_copy.append(kl.mean())
+            every_row.append(kl)
+    reward = -torch.stack(per_copy).view(-1, copies)
+    advantage = reward - (reward.sum(1, keepdim=True) - reward) / (copies - 1)
+    expected = torch.cat(every_row).mean() - (advantage.flatten() * log_prob).mean()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-4)
+    loss.backward()
+    assert grads(module) and all(name.startswith("pruned.selector.") for name in grads(module))
+    with pytest.raises(ValueError, match="policy_samples=1"):
+        make_module(tiny_workspace, head={**HEAD, "mode": "policy"}, policy_samples=1)
 
 
 def test_lora_adapters_train_with_the_head_never_the_vision_tower(tiny_workspace, tiny_batch):
@@ -167,3 +214,15 @@ def test_lora_pruner_exports_and_serves_identically(tiny_workspace, tiny_batch, 
         got = served(**inputs).logits
     assert torch.equal(served.last_kept["stage1"], module.pruned.last_kept["stage1"])
     torch.testing.assert_close(got, expected)
+
+
+def test_replicate_batch_keeps_each_prompt_with_its_images():
+    from modules.distill import replicate_batch
+
+    batch = {"input_ids": torch.tensor([[1, 2], [3, 4]]), "pixel_values": torch.arange(4).view(4, 1),
+             "image_sizes": torch.arange(8).view(4, 2), "labels": torch.tensor([[5, 6], [7, 8]]), "meta": ["a", "b"]}
+    out, image_rows = replicate_batch(batch, 3)  # two images per prompt
+    assert out["input_ids"][:, 0].tolist() == [1, 1, 1, 3, 3, 3]
+    assert image_rows.tolist() == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3]
+    assert out["pixel_values"].flatten().tolist() == image_rows.tolist()
+    assert torch.equal(out["image_sizes"], batch["image_sizes"][image_rows]) and out["meta"] == ["a", "b"]

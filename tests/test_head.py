@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from itertools import combinations, permutations
 
 import pytest
 import torch
@@ -165,3 +167,52 @@ def test_question_aware_head_round_trips_and_serves(tmp_path, sdpa_model, proces
         PrunedVLM(sdpa_model, PruningPlan(stage1=loaded, n1=4))
     with pytest.raises(ValueError, match="question=True needs prompt_dim"):
         PrunerHead(in_dim=8, question=True)
+
+
+def test_plackett_luce_log_prob_is_a_distribution_over_ordered_draws():
+    from modules.head import plackett_luce_log_prob
+
+    scores = torch.tensor([[0.3, -1.0, 2.0, 0.5, 0.0]])
+    for n in (1, 2, 3):
+        orders = torch.tensor(list(permutations(range(5), n)))
+        total = plackett_luce_log_prob(scores.expand(len(orders), -1), orders).exp().sum()
+        torch.testing.assert_close(total, torch.tensor(1.0))
+    # the first pick of a forced padding token adds nothing; a valid pick among valid tokens is a softmax over them
+    valid = torch.tensor([[True, False, True, False, True]])
+    lp = plackett_luce_log_prob(scores, torch.tensor([[2, 0, 4, 1]]), valid)
+    probs = scores[0, [0, 2, 4]].softmax(0)
+    expected = probs[1].log() + (probs[0] / (1 - probs[1])).log() + 0.0
+    torch.testing.assert_close(lp, expected.reshape(1))
+
+
+def repeated(tokens, times: int):
+    """`times` copies of a one-image VisionTokens (one Gumbel draw then gives `times` independent samples)."""
+    fields = ("feats", "pre", "cls_attn", "valid")
+    return replace(tokens, **{k: getattr(tokens, k).expand(times, *getattr(tokens, k).shape[1:]) for k in fields})
+
+
+def test_policy_samples_follow_their_log_prob():
+    from modules.head import plackett_luce_log_prob
+
+    head = small_head(mode="policy").train()
+    tokens = random_tokens(batch=1, grid=(2, 3), padding=False)
+    logits = head.logits(tokens).detach()
+    head.tau, head.noise_seed = 1.0, 0
+    sel = head.train_select(repeated(tokens, 8000), 2)
+    for pair in combinations(range(6), 2):
+        orders = torch.tensor([pair, pair[::-1]])  # an unordered pair is drawn in either order
+        exact = plackett_luce_log_prob(logits.expand(2, -1), orders).exp().sum()
+        freq = (sel.keep == torch.tensor(pair)).all(dim=1).float().mean()
+        assert abs(float(freq) - float(exact)) < 0.02, (pair, float(freq), float(exact))
+    sel.log_prob.mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.proj_out.parameters())
+
+
+def test_policy_samples_keep_the_budget_and_no_padding_while_valid_remain():
+    head = small_head(mode="policy").train()
+    head.tau, head.noise_seed = 3.0, 1
+    tokens = random_tokens(grid=(4, 4))
+    for n in (3, 12, 16):  # 12 of 16 exceeds the 8 valid tokens of the first image
+        sel = head.train_select(tokens, n)
+        check_keep(sel.keep, tokens, n)
+        assert torch.isfinite(sel.log_prob).all()

@@ -39,10 +39,14 @@ def test_batch(teacher):
     return inputs, answers
 
 
-def accuracy(pruned, inputs, answers) -> float:
+def correct(pruned, inputs, answers) -> torch.Tensor:
     with torch.no_grad():
         logits = pruned(**inputs, logits_to_keep=1).logits[:, -1]
-    return float((logits.argmax(-1) == answers).float().mean())
+    return logits.argmax(-1) == answers
+
+
+def accuracy(pruned, inputs, answers) -> float:
+    return float(correct(pruned, inputs, answers).float().mean())
 
 
 def test_teacher_answers_well_above_the_majority_baseline(teacher, test_batch):
@@ -50,6 +54,19 @@ def test_teacher_answers_well_above_the_majority_baseline(teacher, test_batch):
     full = accuracy(PrunedVLM(model, PruningPlan()), *test_batch)
     majority = sum(tw.majority_baselines(n=400).values()) / len(tw.QUESTION_TYPES)
     assert full >= majority + 0.3, (full, majority)
+
+
+def test_teacher_meets_the_card_target_on_every_question_type(teacher, test_batch):
+    """Each type at least halfway from its majority baseline to 100% (the card's target), left_of included."""
+    model, _ = teacher
+    right = correct(PrunedVLM(model, PruningPlan()), *test_batch)
+    qtypes = [tw.sample(i, "test")["question"].qtype for i in range(len(right))]
+    majority = tw.majority_baselines(n=400)
+    for qtype in tw.QUESTION_TYPES:
+        mask = torch.tensor([t == qtype for t in qtypes])
+        assert mask.sum() >= 10, qtype
+        type_accuracy = float(right[mask].float().mean())
+        assert type_accuracy >= (1 + majority[qtype]) / 2, (qtype, type_accuracy, majority[qtype])
 
 
 def test_shipped_pruner_loads_and_beats_random_at_its_budget(teacher, test_batch):
