@@ -320,7 +320,7 @@ def sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device) / half)
     angles = positions.float().unsqueeze(-1) * freqs
     enc = torch.cat([angles.sin(), angles.cos()], dim=-1)
-    return nn.functional.pad(enc, (0, dim - 2 * half))
+    return F.pad(enc, (0, dim - 2 * half))
 
 
 def load_pruned(model: nn.Module, path: str | Path):

@@ -265,9 +265,7 @@ class ToyWorldTeacher(L.LightningModule):
         if not bool(paired.any()):
             zero = hidden.sum() * 0.0
             return zero, zero.detach()
-        first = (labels != -100).float().argmax(dim=1)  # hidden[:, t] predicts labels[:, t] (already shifted)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        states = hidden[rows, first][paired].float()
+        states = hidden[self._first_answer(labels)][paired].float()  # labels are already shifted to hidden's rows
         cols = batch["ground_col"][paired].float() / (self.probe.col.out_features - 1)
         pred = self.probe.pair(states)
         apart = cols[:, 0] != cols[:, 1]  # objects in one patch column have no order to get right
@@ -276,10 +274,14 @@ class ToyWorldTeacher(L.LightningModule):
         return ORDINAL_WEIGHT * F.mse_loss(pred, cols), acc.detach()
 
     @staticmethod
-    def _first_answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        first = (labels != -100).float().argmax(dim=1)  # first answer position per row
-        rows = torch.arange(labels.shape[0], device=labels.device)
-        return logits[rows, first].argmax(-1) == labels[rows, first]
+    def _first_answer(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, positions) indexing each row's first answer label."""
+        return torch.arange(labels.shape[0], device=labels.device), (labels != -100).float().argmax(dim=1)
+
+    @classmethod
+    def _first_answer_correct(cls, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        first = cls._first_answer(labels)
+        return logits[first].argmax(-1) == labels[first]
 
     def align_loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
