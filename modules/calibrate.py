@@ -22,10 +22,11 @@ MODEL_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_sizes", "p
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, plan: PruningPlan, batches: Iterable[dict], max_batches: int | None = None
-              ) -> PruningPlan:
-    """Run the plan over `batches` (processor-style dicts) and fit every `Calibrated` component in place."""
-    pruned = PrunedVLM(model, plan)
+def calibrate(model: nn.Module, plan: PruningPlan, batches: Iterable[dict], max_batches: int | None = None,
+              processor=None) -> PruningPlan:
+    """Run the plan over `batches` (processor-style dicts) and fit every `Calibrated` component in place.
+    `processor`: the one that made the batches (needed when they carry `image_sizes`; see `PrunedVLM`)."""
+    pruned = PrunedVLM(model, plan, processor=processor)
     targets = [(stage, c) for stage, c in plan.components() if isinstance(c, Calibrated)]
     if not targets:
         raise ValueError(f"nothing in plan {plan} needs calibration")

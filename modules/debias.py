@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _covered_fraction(start: float, length: float, patch: float, count: int) -> torch.Tensor:
-    """Fraction of each of `count` patches of size `patch` along one axis that lies inside [start, start+length)."""
-    lo = torch.arange(count, dtype=torch.float64) * patch
-    overlap = (torch.minimum(lo + patch, torch.tensor(start + length)) - torch.maximum(lo, torch.tensor(start)))
-    return overlap.clamp(min=0) / patch
+from modules.vlm.base import box_valid_mask
 
 
 def pad_to_square_valid_mask(
@@ -22,24 +17,21 @@ def pad_to_square_valid_mask(
 ) -> torch.Tensor:
     """Which patches of a pad-to-square image show the image (True) rather than the padding (False).
 
-    LLaVA-1.5 pads a (width, height) image to a centred square of side max(width, height), resizes it to
-    `image_size` and cuts a `grid` x `grid` patch grid. A patch is padding when more than `threshold` of its area
-    lies outside the original image. Returns a (grid * grid,) bool tensor in row-major order.
+    The original LLaVA-1.5 preprocessing (and `LlavaImageProcessor(do_pad=True)`): a (width, height) image padded
+    to a centred square of side max(width, height), resized to `image_size`, cut into a `grid` x `grid` patch grid.
+    A patch is padding when more than `threshold` of its area lies outside the original image. Returns a
+    (grid * grid,) bool tensor in row-major order. For other processors the model's adapter derives the mask
+    from the processor actually used (`modules.vlm`).
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got width={width}, height={height}")
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"pad threshold must be in [0, 1), got {threshold}")
     side = max(width, height)
     scale = image_size / side
-    patch = image_size / grid
     # the processor centres the image with integer offsets, in source pixels
     top = (side - height) // 2 if width > height else 0
     left = (side - width) // 2 if height > width else 0
-    fy = _covered_fraction(top * scale, height * scale, patch, grid)
-    fx = _covered_fraction(left * scale, width * scale, patch, grid)
-    inside = fy[:, None] * fx[None, :]
-    return (1.0 - inside <= threshold).flatten()
+    box = (top * scale, left * scale, (top + height) * scale, (left + width) * scale)
+    return box_valid_mask(box, (grid, grid), (image_size, image_size), threshold)
 
 
 def fit_exponential_trend(scores: torch.Tensor, valid: torch.Tensor | None = None) -> float:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from transformers import DynamicCache
 
 from modules.budget import check_budget_spec, resolve_budget, topk_keep
 from modules.config import to_config
@@ -146,10 +147,12 @@ class PruningPlan:
         return found
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module) -> Iterator[PrunedVLM]:
-        """Make `model(...)` and `model.generate(...)` prune while the context is open."""
-        pruned = PrunedVLM(model, self)
+    def apply(self, model: nn.Module, processor=None) -> Iterator[PrunedVLM]:
+        """Make `model(...)` and `model.generate(...)` prune while the context is open. Instance attributes the
+        model had under those names (accelerate's dispatching `forward` of `device_map` models) come back after."""
+        pruned = PrunedVLM(model, self, processor=processor)
         original_forward = model.forward
+        saved = {name: vars(model)[name] for name in ("forward", "generate") if name in vars(model)}
 
         def forward(*args, **kwargs):
             if kwargs.get("pixel_values") is None:  # text-only steps (decoding, our own calls) run unchanged
@@ -161,34 +164,41 @@ class PruningPlan:
         try:
             yield pruned
         finally:
-            del model.forward, model.generate
+            for name in ("forward", "generate"):
+                if name in saved:
+                    setattr(model, name, saved[name])
+                else:
+                    delattr(model, name)
 
 
 @dataclass
 class _Stage2State:
     spliced: Spliced
     n2: int
-    per_row: int
+    per_row: int  # images per prompt
     query_end: torch.Tensor | None = None
     captured: tuple | None = None  # (hidden_states, position_embeddings) at the input of layer K-1
-    rows: torch.Tensor | None = None  # (B, L2) surviving rows of the spliced sequence
+    rows: torch.Tensor | None = None  # (B', L2) surviving rows of the spliced sequence
 
 
 class PrunedVLM(nn.Module):
     """A transformers VLM that prunes visual tokens according to a `PruningPlan`.
 
-    Takes the same inputs as the wrapped model (processor output, plus optional `image_sizes` = original
-    (height, width) of pad-to-square images so padding tokens are known). Logits are returned for the
-    positions that survive pruning; text tokens always survive, so the last row is the next-token prediction.
-    `last_kept` holds the kept visual indices of the last call and `last_positions` (B, L_out) the index of
-    each output row in the unpruned sequence.
+    Takes the same inputs as the wrapped model (processor output), plus optional `image_sizes` (n_images, 2) =
+    the original (height, width) of each image: with `processor` (the one that made `pixel_values`) the adapter
+    derives which tokens show only padding (pad-to-square processors) and never keeps them while real ones
+    remain; centre-cropping processors (llava-hf's default) have none. Logits are returned for the positions that
+    survive pruning; text tokens always survive, so the last row is the next-token prediction.
+    `last_kept` holds the kept visual indices of the last call, {"stage1": (n_images, n1), "stage2":
+    (n_images, n2)} indices into each image's N tokens, and `last_positions` (B, L_out) the index of each output
+    row in the unpruned sequence.
     """
 
-    def __init__(self, model: nn.Module, plan: PruningPlan):
+    def __init__(self, model: nn.Module, plan: PruningPlan, processor=None):
         super().__init__()
         self.model = model
         self.plan = plan
-        self.adapter: VLMAdapter = get_adapter(model)
+        self.adapter: VLMAdapter = get_adapter(model, processor)
         self.selector = plan.selector  # registered as a submodule when it is one (learned heads)
         self.scorer = plan.scorer
         if hasattr(self.selector, "check_compatible"):
@@ -220,7 +230,7 @@ class PrunedVLM(nn.Module):
             return self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                               position_ids=position_ids, labels=labels, **kwargs)
         spliced, n2, per_row = self.prepare(input_ids, pixel_values, attention_mask, position_ids, image_sizes,
-                                            for_generation=False, vision_tokens=vision_tokens)
+                                            for_generation=False, vision_tokens=vision_tokens, prompt_end=prompt_end)
         mask = spliced.attention_mask
         if spliced.key_bias is not None:  # soft-mask training: visual keys weighted by the head's probabilities
             mask = additive_attention_mask(spliced.attention_mask, spliced.key_bias, spliced.inputs_embeds.dtype)
@@ -233,8 +243,9 @@ class PrunedVLM(nn.Module):
         rows = state.rows if state is not None else None
         self.last_positions = spliced.positions if rows is None else spliced.positions.gather(1, rows)
         if labels is not None:
-            kept_labels = labels.gather(1, self.last_positions)
-            out.loss = self.model.loss_function(logits=out.logits, labels=kept_labels,
+            # row p predicts the token at p + 1 of the UNPRUNED sequence, not the next surviving row's token
+            next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).gather(1, self.last_positions)
+            out.loss = self.model.loss_function(logits=out.logits, labels=None, shift_labels=next_labels,
                                                 vocab_size=self.model.config.get_text_config().vocab_size)
         return out
 
@@ -247,21 +258,44 @@ class PrunedVLM(nn.Module):
         if self.plan.is_noop or pixel_values is None:
             return generate(self.model, input_ids=input_ids, pixel_values=pixel_values,
                             attention_mask=attention_mask, **kwargs)
+        if self.scorer is not None:
+            self._check_dynamic_cache(kwargs)
         spliced, n2, per_row = self.prepare(input_ids, pixel_values, attention_mask, position_ids, image_sizes,
                                             for_generation=True)
         with self._stage2(spliced, n2, per_row):
             out = generate(self.model, inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
                            position_ids=spliced.position_ids, **kwargs)
         # generating from inputs_embeds returns only the new tokens; put the prompt back in front like HF does
+        # (once per returned sequence: num_return_sequences / beams give each prompt several rows)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+        sequences = torch.cat([prompt, sequences.to(input_ids.device)], dim=1)
         if isinstance(out, torch.Tensor):
-            return torch.cat([input_ids, out.to(input_ids.device)], dim=1)
-        out.sequences = torch.cat([input_ids, out.sequences.to(input_ids.device)], dim=1)
+            return sequences
+        out.sequences = sequences
         return out
+
+    def _check_dynamic_cache(self, kwargs: dict) -> None:
+        """Stage 2 shrinks the cache of layers >= K after prefill; caches of a fixed size cannot follow."""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+        cache = kwargs.get("past_key_values")
+        if cache is not None and not isinstance(cache, DynamicCache):
+            implementation = type(cache).__name__
+        if implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"stage-2 pruning needs a dynamic KV cache (layers >= K keep fewer entries than layers < K); "
+                f"cache_implementation={implementation!r} is not supported: use the default dynamic cache, or a "
+                "plan without stage 2"
+            )
 
     # ---- the data path -------------------------------------------------------------------------------------
     def prepare(self, input_ids, pixel_values, attention_mask, position_ids, image_sizes, for_generation: bool,
-                vision_tokens: VisionTokens | None = None) -> tuple[Spliced, int | None, int]:
-        """Stage 1: encode the images, select n1 tokens per image, splice them into the prompt."""
+                vision_tokens: VisionTokens | None = None, prompt_end: torch.Tensor | None = None
+                ) -> tuple[Spliced, int | None, int]:
+        """Stage 1: encode the images, select n1 tokens per image, splice them into the prompt.
+        `prompt_end` (B,): last prompt column when the sequence also holds the answer; question-aware selectors
+        read the prompt only."""
         if input_ids is None:
             raise ValueError("PrunedVLM needs input_ids (to find the image tokens); inputs_embeds is not enough")
         if attention_mask is None:
@@ -280,7 +314,7 @@ class PrunedVLM(nn.Module):
         else:
             tokens = vision_tokens
         if getattr(self.selector, "reads_prompt", False):
-            tokens = self.attach_prompt(tokens, input_ids, attention_mask)
+            tokens = self.attach_prompt(tokens, input_ids, attention_mask, prompt_end)
         n1, n2 = self.plan.budgets(tokens.num_tokens)
         self.last_aux_loss = self.last_log_prob = None
         selection = self.select_stage1(tokens, n1)
@@ -301,11 +335,15 @@ class PrunedVLM(nn.Module):
     def encode(self, pixel_values: torch.Tensor, image_sizes=None) -> VisionTokens:
         return self.adapter.encode(pixel_values, image_sizes)
 
-    def attach_prompt(self, tokens: VisionTokens, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                      ) -> VisionTokens:
-        """Give each image the input embeddings of its prompt's text tokens (for question-aware selectors)."""
+    def attach_prompt(self, tokens: VisionTokens, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      prompt_end: torch.Tensor | None = None) -> VisionTokens:
+        """Give each image the input embeddings of its prompt's text tokens (for question-aware selectors): the
+        tokens up to `prompt_end` (B,) when given, so that a training sequence's answer is never read."""
         per_row = tokens.batch_size // input_ids.shape[0]
         text = attention_mask.bool() & (input_ids != self.adapter.image_token_id)
+        if prompt_end is not None:
+            columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+            text = text & (columns.unsqueeze(0) <= prompt_end.to(input_ids.device).view(-1, 1))
         embeds = self.adapter.embed_tokens(input_ids).detach()
         return replace(tokens, prompt=embeds.repeat_interleave(per_row, dim=0),
                        prompt_mask=text.repeat_interleave(per_row, dim=0))
@@ -362,32 +400,59 @@ class PrunedVLM(nn.Module):
         return hook
 
     def _stage2_rows(self, state: _Stage2State) -> torch.Tensor:
-        """Score the visual tokens with layer K-1's attention, keep n2 per image; (B, L2) surviving rows."""
-        sp = state.spliced
+        """Score the visual tokens with layer K-1's attention, keep n2 per image; (B', L2) surviving rows."""
         if state.captured is None:
             raise RuntimeError("stage 2 found no layer K-1 input to score with; was the decoder run as usual?")
         hidden, cos_sin = state.captured
         state.captured = None
+        sp, query_end = state.spliced, state.query_end
+        copies = hidden.shape[0] // sp.attention_mask.shape[0]
+        if copies > 1:  # beam search / num_return_sequences: generate() repeated each prompt after our splice
+            sp = repeat_rows(sp, copies)
+            query_end = None if query_end is None else query_end.repeat_interleave(copies)
 
         def logits_fn(query_index: torch.Tensor) -> torch.Tensor:
             return self.adapter.attention_logits(self.layer - 1, hidden, cos_sin, query_index)
 
-        budget = state.n2 * state.per_row
         ctx = Stage2Context(logits_fn=logits_fn, attention_mask=sp.attention_mask, vision_slots=sp.vision_slots,
                             vision_index=sp.vision_index, vision_valid=sp.vision_valid,
-                            vision_hidden=gather_last(hidden, sp.vision_slots), budget=budget,
-                            query_end=state.query_end)
+                            vision_hidden=gather_last(hidden, sp.vision_slots), budget=state.n2,
+                            images=state.per_row, query_end=query_end)
         with torch.no_grad():
             for observer in self.observers[2]:
                 observer.observe(ctx)
             scores = self.scorer.score(ctx)
-        keep = topk_keep(scores, budget, sp.vision_valid)  # (B, M2) into the M1 visual tokens
-        self.last_kept["stage2"] = sp.vision_index.gather(1, keep)
-        self.last_stage2_scores = scores
+        keep = topk_per_image(scores, state.n2, sp.vision_valid, state.per_row)  # (B', images * n2) into M1
+        kept = sp.vision_index.gather(1, keep) % self.adapter.num_image_tokens
+        self.last_kept["stage2"] = kept[::copies].reshape(-1, state.n2)  # (n_images, n2) into each image's N
+        self.last_stage2_scores = scores[::copies]
         drop = torch.zeros(sp.attention_mask.shape, dtype=torch.bool, device=keep.device)
         drop.scatter_(1, sp.vision_slots, True)
         drop.scatter_(1, sp.vision_slots.gather(1, keep), False)
         return (~drop).nonzero()[:, 1].view(drop.shape[0], -1)
+
+
+def topk_per_image(scores: torch.Tensor, n: int, valid: torch.Tensor, images: int) -> torch.Tensor:
+    """Top-n per image of (B, M) scores whose M columns are `images` equal consecutive blocks, one per image:
+    (B, images * n) column indices, ascending (one image cannot take another's budget)."""
+    bsz, m = scores.shape
+    block = m // images
+    keep = topk_keep(scores.reshape(bsz * images, block), n, valid.reshape(bsz * images, block))
+    offsets = (torch.arange(images, device=keep.device) * block).repeat_interleave(n)
+    return keep.reshape(bsz, images * n) + offsets
+
+
+def repeat_rows(spliced: Spliced, copies: int) -> Spliced:
+    """Each row of a spliced batch `copies` times in a row (what generate() does for beams / return sequences)."""
+
+    def rep(t, dim=0):
+        return None if t is None else t.repeat_interleave(copies, dim=dim)
+
+    position_dim = 1 if spliced.position_ids.dim() == 3 else 0
+    return Spliced(inputs_embeds=rep(spliced.inputs_embeds), attention_mask=rep(spliced.attention_mask),
+                   position_ids=rep(spliced.position_ids, position_dim), positions=rep(spliced.positions),
+                   vision_slots=rep(spliced.vision_slots), vision_index=rep(spliced.vision_index),
+                   vision_valid=rep(spliced.vision_valid), key_bias=rep(spliced.key_bias))
 
 
 def additive_attention_mask(mask: torch.Tensor, key_bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -30,7 +30,9 @@ class Stage2Context:
     vision_index:   (B, M) their index among the row's visual tokens (into N for one image per prompt).
     vision_valid:   (B, M) bool, False for padding tokens.
     vision_hidden:  (B, M, D) hidden states of the visual tokens at the input of layer K-1.
-    budget:         how many of the M tokens per row will be kept (for budget-aware scorers).
+    budget:         how many tokens of each image will be kept (for budget-aware scorers).
+    images:         images per row: the M columns are `images` consecutive equal blocks, one per image; the
+                    top-`budget` of each block is kept.
     query_end:      (B,) position of the last prompt token (default: the last position), so that training on
                     prompt + answer scores from the prompt alone.
     """
@@ -42,7 +44,13 @@ class Stage2Context:
     vision_valid: torch.Tensor
     vision_hidden: torch.Tensor
     budget: int
+    images: int = 1
     query_end: torch.Tensor | None = None
+
+    def image_blocks(self) -> list[slice]:
+        """The column range of each image of a row among the M visual tokens."""
+        block = self.vision_slots.shape[1] // self.images
+        return [slice(i * block, (i + 1) * block) for i in range(self.images)]
 
     def query_rows(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Q) query positions and (B, Q) weights that sum to 1 per row.

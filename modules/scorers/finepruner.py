@@ -96,11 +96,13 @@ class FinePrunerScorer(Scorer, Calibrated):
             return s
         out = s.clone()
         for b in range(s.shape[0]):
-            valid_idx = ctx.vision_valid[b].nonzero().flatten()
-            picked = cluster_allocate(ctx.vision_hidden[b][valid_idx], ctx.budget, s[b][valid_idx],
-                                      self.n_clusters, self.iters, self.seed)
-            # lift the allocation above every other score, whatever the range of s (a debiased s is not in [0, 1])
-            out[b, valid_idx[picked]] += 1.0 + (s[b].max() - s[b].min())
+            for block in ctx.image_blocks():  # the budget is per image: cluster each image's tokens apart
+                valid_idx = ctx.vision_valid[b, block].nonzero().flatten() + block.start
+                picked = cluster_allocate(ctx.vision_hidden[b][valid_idx], ctx.budget, s[b][valid_idx],
+                                          self.n_clusters, self.iters, self.seed)
+                # lift the allocation above every other score of the image, whatever the range of s (a debiased
+                # s is not in [0, 1])
+                out[b, valid_idx[picked]] += 1.0 + (s[b, block].max() - s[b, block].min())
         return out
 
     # ---- calibration -------------------------------------------------------------------------------------------

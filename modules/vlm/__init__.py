@@ -19,14 +19,15 @@ def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:
 register_adapter(LlavaAdapter)
 
 
-def get_adapter(model: nn.Module) -> VLMAdapter:
-    """The adapter for a transformers VLM, chosen by `model.config.model_type`."""
+def get_adapter(model: nn.Module, processor=None) -> VLMAdapter:
+    """The adapter for a transformers VLM, chosen by `model.config.model_type`; `processor` is the one the inputs
+    are made with (it tells which visual tokens show padding)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ADAPTERS:
         raise ValueError(
             f"no learnprune adapter for model_type {model_type!r}; supported: {sorted(ADAPTERS)}"
         )
-    return ADAPTERS[model_type](model)
+    return ADAPTERS[model_type](model, processor)
 
 
 __all__ = ["ADAPTERS", "Spliced", "VLMAdapter", "VisionTokens", "get_adapter", "register_adapter"]

@@ -106,14 +106,50 @@ class Spliced:
 
 
 def gather_last(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Gather along the sequence dim of (B, L), (B, L, D) or (3, B, L) tensors with a (B, L') index."""
+    """Gather along the sequence dim of batch-first (B, L) or (B, L, D) tensors with a (B, L') index."""
     if t.dim() == 2:
         return t.gather(1, index)
-    if t.dim() == 3 and t.shape[0] == index.shape[0]:
+    if t.dim() == 3:
         return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-    if t.dim() == 3:  # (3, B, L) multi-axis positions
-        return t.gather(2, index.unsqueeze(0).expand(t.shape[0], -1, -1))
-    raise ValueError(f"cannot gather a tensor of shape {tuple(t.shape)} along its sequence dim")
+    raise ValueError(f"gather_last takes (B, L) or (B, L, D) tensors, got shape {tuple(t.shape)}")
+
+
+def gather_position_ids(position_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather position ids, (B, L) or multi-axis (A, B, L) (M-RoPE), along L with a (B, L') index.
+
+    Separate from `gather_last` because a (3, B, L) tensor and a (B, L, D) tensor cannot be told apart by shape
+    when B == 3.
+    """
+    if position_ids.dim() == 2:
+        return position_ids.gather(1, index)
+    if position_ids.dim() == 3:
+        return position_ids.gather(2, index.unsqueeze(0).expand(position_ids.shape[0], -1, -1))
+    raise ValueError(f"position ids must be (B, L) or (axes, B, L), got shape {tuple(position_ids.shape)}")
+
+
+def box_valid_mask(box: tuple[float, float, float, float], grid: tuple[int, int], frame: tuple[int, int],
+                   threshold: float = 0.5) -> torch.Tensor:
+    """Which patches of a (grid_h x grid_w) patch grid over a (frame_h x frame_w) pixel frame show image content.
+
+    box: (top, left, bottom, right) of the content in the frame's pixels (what the processor's padding, resize
+    and crop made of the original image). A patch is padding when more than `threshold` of its area lies outside
+    the box. Returns (grid_h * grid_w,) bool, row-major.
+    """
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"pad threshold must be in [0, 1), got {threshold}")
+    top, left, bottom, right = box
+    fy = _covered_fraction(top, bottom - top, frame[0] / grid[0], grid[0])
+    fx = _covered_fraction(left, right - left, frame[1] / grid[1], grid[1])
+    inside = fy[:, None] * fx[None, :]
+    return (1.0 - inside <= threshold).flatten()
+
+
+def _covered_fraction(start: float, length: float, patch: float, count: int) -> torch.Tensor:
+    """Fraction of each of `count` patches of size `patch` along one axis that lies inside [start, start+length)."""
+    lo = torch.arange(count, dtype=torch.float64) * patch
+    overlap = (torch.minimum(lo + patch, torch.tensor(start + length, dtype=torch.float64))
+               - torch.maximum(lo, torch.tensor(start, dtype=torch.float64)))
+    return overlap.clamp(min=0) / patch
 
 
 class VLMAdapter(ABC):
@@ -125,8 +161,11 @@ class VLMAdapter(ABC):
 
     model_types: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, processor=None):
+        """`processor`: the processor (or image processor) the inputs are made with, or None. Adapters read from it
+        how images were fitted to the encoder (padding, crop), which decides the `valid` mask of the tokens."""
         self.model = model
+        self.processor = processor
 
     # ---- family-specific -------------------------------------------------------------------------------------
     @property
@@ -235,7 +274,7 @@ class VLMAdapter(ABC):
         return Spliced(
             inputs_embeds=gather_last(embeds, positions),
             attention_mask=gather_last(attention_mask, positions),
-            position_ids=gather_last(position_ids, positions),
+            position_ids=gather_position_ids(position_ids, positions),
             positions=positions,
             vision_slots=slot_of.gather(1, kept_pos),
             vision_index=vision_index,
@@ -253,7 +292,7 @@ class VLMAdapter(ABC):
         if cos_sin is not None and cos_sin[0].shape[-2] == full_len:
             kwargs["position_embeddings"] = tuple(gather_last(t, rows) for t in cos_sin)
             if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = gather_last(kwargs["position_ids"], rows)
+                kwargs["position_ids"] = gather_position_ids(kwargs["position_ids"], rows)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor):
             kwargs["attention_mask"] = _select_mask(mask, rows, full_len)

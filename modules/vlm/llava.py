@@ -3,19 +3,88 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from modules.debias import pad_to_square_valid_mask
-from modules.vlm.base import VisionTokens, VLMAdapter, gather_last
+from modules.vlm.base import VisionTokens, VLMAdapter, box_valid_mask, gather_last
+
+
+@dataclass(frozen=True)
+class ImageFit:
+    """How a LLaVA image processor fits an original image into the encoder's input frame, in its own order:
+    optional pad to a centred square (`do_pad`, the original LLaVA-1.5 recipe), resize (`size`: shortest edge
+    or exact height/width), optional centre crop (`crop_size`; llava-hf's CLIP image processor: the default).
+
+    pad_to_square: bool; shortest_edge: int or None; size: (height, width) or None (when shortest_edge is set);
+    crop: (height, width) or None.
+    """
+
+    pad_to_square: bool
+    shortest_edge: int | None
+    size: tuple[int, int] | None
+    crop: tuple[int, int] | None
+
+    @classmethod
+    def from_processor(cls, processor) -> ImageFit:
+        ip = getattr(processor, "image_processor", processor)
+        size = _as_dict(getattr(ip, "size", None)) if getattr(ip, "do_resize", True) else {}
+        shortest = size.get("shortest_edge")
+        exact = (size["height"], size["width"]) if size.get("height") and size.get("width") else None
+        if shortest is None and exact is None and getattr(ip, "do_resize", True):
+            raise ValueError(f"cannot read the resize of image processor {type(ip).__name__}: size={size!r}")
+        crop = None
+        if getattr(ip, "do_center_crop", False):
+            crop_size = _as_dict(getattr(ip, "crop_size", None))
+            crop = (crop_size["height"], crop_size["width"])
+        return cls(pad_to_square=bool(getattr(ip, "do_pad", False)), shortest_edge=shortest, size=exact, crop=crop)
+
+    def content_box(self, height: int, width: int) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+        """((top, left, bottom, right) of the original image's pixels, (frame height, width)) after processing."""
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image size must be positive, got height={height}, width={width}")
+        box = (0.0, 0.0, float(height), float(width))
+        frame_h, frame_w = height, width
+        if self.pad_to_square:
+            side = max(height, width)
+            top = (side - height) // 2 if width > height else 0  # the processor's integer centring
+            left = (side - width) // 2 if height > width else 0
+            box = (top, left, top + height, left + width)
+            frame_h = frame_w = side
+        if self.shortest_edge is not None:
+            short, long = min(frame_h, frame_w), max(frame_h, frame_w)
+            new_long = int(self.shortest_edge * long / short)
+            new_h, new_w = (self.shortest_edge, new_long) if frame_h <= frame_w else (new_long, self.shortest_edge)
+        elif self.size is not None:
+            new_h, new_w = self.size
+        else:
+            new_h, new_w = frame_h, frame_w
+        sy, sx = new_h / frame_h, new_w / frame_w
+        box = (box[0] * sy, box[1] * sx, box[2] * sy, box[3] * sx)
+        frame_h, frame_w = new_h, new_w
+        if self.crop is not None:
+            crop_h, crop_w = self.crop
+            dy, dx = int((frame_h - crop_h) / 2.0), int((frame_w - crop_w) / 2.0)
+            box = (box[0] - dy, box[1] - dx, box[2] - dy, box[3] - dx)
+            frame_h, frame_w = crop_h, crop_w
+        return box, (frame_h, frame_w)
+
+
+def _as_dict(size) -> dict:
+    if size is None:
+        return {}
+    if isinstance(size, dict):
+        return dict(size)
+    return {k: getattr(size, k, None) for k in ("shortest_edge", "height", "width")}
 
 
 class LlavaAdapter(VLMAdapter):
     model_types = ("llava",)
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, processor=None):
+        super().__init__(model, processor)
+        self.image_fit = None if processor is None else ImageFit.from_processor(processor)
         cfg = model.config
         self.config = cfg
         self.vision_tower = model.model.vision_tower
@@ -86,14 +155,30 @@ class LlavaAdapter(VLMAdapter):
         tower = getattr(self.vision_tower, "vision_model", self.vision_tower)  # older layouts nest it
         return tower.encoder.layers
 
-    def _pad_valid(self, image_sizes: torch.Tensor, n_img: int, device) -> torch.Tensor:
+    def _pad_valid(self, image_sizes: torch.Tensor, n_img: int, device) -> torch.Tensor | None:
+        """(n_img, N) validity of each token from the images' original sizes and the processor's fit; None when
+        every token shows image content (centre crop, plain resize: nothing to mark)."""
+        if self.image_fit is None:
+            raise ValueError(
+                "image_sizes were given, but not the processor that made pixel_values: whether a token shows padding "
+                "depends on it (llava-hf processors centre-crop: no padding; do_pad=True pads to square). Pass "
+                "PrunedVLM(model, plan, processor=processor), or leave image_sizes out"
+            )
         sizes = torch.as_tensor(image_sizes).view(-1, 2).tolist()
         if len(sizes) != n_img:
             raise ValueError(f"image_sizes has {len(sizes)} entries for {n_img} images")
-        image_size = self.config.vision_config.image_size
-        masks = [pad_to_square_valid_mask(int(w), int(h), grid=self.patch_grid, image_size=image_size)
-                 for h, w in sizes]
+        grid = (self.patch_grid, self.patch_grid)
+        masks = []
+        for h, w in sizes:
+            box, frame = self.image_fit.content_box(int(h), int(w))
+            image_size = self.config.vision_config.image_size
+            if frame != (image_size, image_size):
+                raise ValueError(f"the processor turns a {int(h)}x{int(w)} image into {frame[0]}x{frame[1]} pixels, the "
+                                 f"vision tower takes {image_size}x{image_size}: processor and model do not match")
+            masks.append(box_valid_mask(box, grid, frame))
         valid = torch.stack(masks).to(device)
+        if bool(valid.all()):
+            return None
         if not self._drop_cls:
             valid = torch.cat([torch.ones(n_img, 1, dtype=torch.bool, device=device), valid], dim=1)
         return valid
