@@ -115,6 +115,10 @@ def test_collate_labels_padding_prompt_end(data_dir, processor, tokenizer):
     assert ids.dtype == labels.dtype == batch["prompt_end"].dtype == torch.long
     assert batch["pixel_values"].shape == (3, 3, 32, 32)
     assert batch["image_sizes"].tolist() == [list(it["image_size"]) for it in kept]
+    # each row's pixels are its own image's, as the image processor alone makes them
+    for row, it in enumerate(kept):
+        alone = processor.image_processor(images=[it["image"]], return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(batch["pixel_values"][row], alone), it["id"]
 
     # left padding: every row ends with a real token, padding only at the start
     assert mask[:, -1].all()
@@ -188,7 +192,10 @@ def test_datamodule_from_saved_processor(data_dir, processor):
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert sum(b["skipped"] for b in batches) == 1
-    assert sum(b["input_ids"].shape[0] for b in batches if "input_ids" in b) == 3
+    # every good record exactly once per epoch: its answers, read back from the labels
+    answers = sorted(processor.tokenizer.decode(row[row != IGNORE_INDEX])
+                     for b in batches if "input_ids" in b for row in b["labels"])
+    assert answers == ["a blue square </s>", "red </s>", "two </s> a circle . </s>"]
     for b in batches:
         dm.record_skipped(b, stage="train", epoch=0)
     assert dm.skip_summary("train") == (

@@ -221,3 +221,85 @@ def test_budget_range_distinct_and_padding_last(name, dtype):
                     n_valid = int(valid[row].sum())
                     n_kept_valid = int(valid[row, out[row]].sum())
                     assert n_kept_valid == min(n, n_valid), (name, h, w, n, row)
+
+
+# ---- brute-force references on random inputs -------------------------------------------------------------
+# Plain-Python transcriptions of METHODS.md, one token at a time, for the methods whose rule is a closed
+# recipe: the vectorised selectors must agree with them exactly (ties to the lower index, padding only after
+# every valid token) on random inputs with random padding.
+
+
+def _rank(i: int, score: float, valid: bool) -> tuple:
+    return (not valid, -score, i)  # valid first, then score descending, then lower index
+
+
+def fastervlm_reference(attn: list[float], valid: list[bool], n: int) -> list[int]:
+    return sorted(sorted(range(len(attn)), key=lambda i: _rank(i, attn[i], valid[i]))[:n])
+
+
+def divprune_reference(feats: torch.Tensor, valid: list[bool], n: int) -> list[int]:
+    num = feats.shape[0]
+    unit = torch.nn.functional.normalize(feats.float(), dim=-1)
+    d = (1.0 - unit @ unit.T).tolist()
+    if not any(valid):
+        valid = [True] * num  # an all-padding image is treated as all valid
+    ok = [i for i in range(num) if valid[i]]
+    nearest = {i: min([d[i][j] for j in ok if j != i], default=math.inf) for i in ok}
+    picked = [max(ok, key=lambda i: (nearest[i], -i))]
+    while len(picked) < n:
+        pool = [i for i in ok if i not in picked] or [i for i in range(num) if i not in picked]
+        picked.append(max(pool, key=lambda i: (min(d[i][j] for j in picked), -i)))
+    return sorted(picked)
+
+
+def vispruner_reference(attn: list[float], feats: torch.Tensor, valid: list[bool], n: int,
+                        ratio: float = 0.5) -> list[int]:
+    num = len(attn)
+    ok = sorted((i for i in range(num) if valid[i]), key=lambda i: (-attn[i], i))
+    if n >= len(ok):
+        return fastervlm_reference(attn, valid, n)
+    unit = torch.nn.functional.normalize(feats.float(), dim=-1)
+    cos = (unit @ unit.T).tolist()
+    n_imp = math.floor(n * ratio + 1e-9)
+    n_div = n - n_imp
+    important, rest = ok[:n_imp], ok[n_imp:]
+    while len(rest) > n_div:
+        k = min(8, len(rest) - n_div)
+        a, b = rest[0::2], rest[1::2]
+        m = {i: max((cos[i][j] for j in b), default=-math.inf) for i in a}
+        a = sorted(a, key=lambda i: -m[i])  # stable: equal m keep their order in rest
+        rest = a[k:] + b
+    return sorted(important + rest)
+
+
+def random_case(gen: torch.Generator, b: int, num: int, dtype) -> VisionTokens:
+    return VisionTokens(
+        feats=torch.randn(b, num, 8, generator=gen).to(dtype),
+        pre=torch.randn(b, num, 6, generator=gen).to(dtype),
+        cls_attn=torch.rand(b, num, generator=gen).to(dtype),
+        valid=torch.rand(b, num, generator=gen) < 0.7,
+    )
+
+
+@pytest.mark.parametrize("name", ["fastervlm", "divprune", "vispruner"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_brute_force_reference(name, dtype):
+    gen = torch.Generator().manual_seed(1)
+    checked = 0
+    for num in (1, 5, 12, 23, 40):
+        for _ in range(3):
+            tokens = random_case(gen, 3, num, dtype)
+            for n in sorted({1, min(2, num), max(1, num // 3), max(1, num // 2), max(1, num - 3), num}):
+                out = get_selector(name).select(tokens, n).tolist()
+                for row in range(3):
+                    valid = tokens.valid[row].tolist()
+                    attn = tokens.cls_attn[row].float().tolist()
+                    if name == "fastervlm":
+                        expected = fastervlm_reference(attn, valid, n)
+                    elif name == "divprune":
+                        expected = divprune_reference(tokens.feats[row], valid, n)
+                    else:
+                        expected = vispruner_reference(attn, tokens.pre[row], valid, n)
+                    assert out[row] == expected, (num, n, row)
+                    checked += 1
+    assert checked > 150

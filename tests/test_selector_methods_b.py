@@ -87,10 +87,12 @@ def test_agilepruner_never_keeps_padding_while_valid_remain():
     valid[:, 8:] = False
     tokens = VisionTokens(feats=feats, cls_attn=attn, valid=valid)
     sel = get_selector("agilepruner", erank_avg=0.5)
+    # the same images without their padding tokens (erank_avg fixed, so N does not enter)
+    unpadded = VisionTokens(feats=feats[:, :8], cls_attn=attn[:, :8])
     for n in range(1, 9):
         keep = sel.select(tokens, n)
         assert keep.shape == (2, n) and bool(valid.gather(1, keep).all())
-        assert all(len(set(row)) == n for row in keep.tolist())
+        assert torch.equal(keep, sel.select(unpadded, n)), n
     # n above the valid count: all valid, then padding by attention (11, 10)
     assert sel.select(tokens, 10).tolist() == [list(range(8)) + [10, 11]] * 2
     assert sel.select(tokens, 12).tolist() == [list(range(12))] * 2
@@ -127,6 +129,63 @@ def test_agilepruner_calibration_fits_the_mean_erank():
     sel.finish_calibration()
     assert isinstance(sel.erank_avg, float) and sel.erank_avg == pytest.approx((15 + 1 + 3) / 3, rel=1e-5)
     assert to_config(sel)["erank_avg"] == sel.erank_avg
+
+
+def agilepruner_reference(feats: torch.Tensor, attn: list[float], valid: list[bool], n: int, erank_avg=None,
+                          tau0: float = 0.01, tau_max: float = 0.3) -> list[int]:
+    """METHODS.md's AgilePruner, one candidate at a time; erank from a float64 SVD (not the Gram matrix)."""
+    num = len(attn)
+    ok = [i for i in range(num) if valid[i]]
+    centred = feats[ok].double() - feats[ok].double().mean(dim=0)
+    sigma = torch.linalg.svdvals(centred) if ok else torch.zeros(0)
+    if float(sigma.sum()) > 1e-9:
+        p = sigma / sigma.sum()
+        p = p[p > 0]
+        erank = math.exp(float(-(p * p.log()).sum()))
+    else:
+        erank = 1.0
+    c = erank / (erank_avg if erank_avg is not None else math.sqrt(num))
+    unit = torch.nn.functional.normalize(feats.float(), dim=-1)
+    dist = (1.0 - unit @ unit.T).tolist()
+    order = sorted(range(num), key=lambda i: (not valid[i], -attn[i], i))
+    kept = []
+    for i in order:
+        if len(kept) == n or not valid[i]:
+            break
+        tau = min(tau_max, c * tau0 * (len(kept) + 1))
+        if all(dist[i][j] >= tau for j in kept):
+            kept.append(i)
+    kept += [i for i in order if i not in kept][: n - len(kept)]
+    return sorted(kept)
+
+
+def test_agilepruner_matches_brute_force_reference():
+    """Random images of near-duplicate groups (cosine distances around tau), random padding, several budgets,
+    calibrated and not: the batched pass == the one-candidate-at-a-time recipe."""
+    gen = torch.Generator().manual_seed(0)
+    checked = gated = 0
+    for num, groups in ((9, 2), (16, 3), (25, 8), (36, 4)):
+        for spread in (0.05, 0.15, 0.4):
+            centres = torch.randn(3, groups, 10, generator=gen)
+            member = torch.randint(groups, (3, num), generator=gen)
+            feats = centres.gather(1, member.unsqueeze(-1).expand(-1, -1, 10))
+            feats = feats + spread * torch.randn(3, num, 10, generator=gen)
+            attn = torch.rand(3, num, generator=gen)
+            valid = torch.rand(3, num, generator=gen) < 0.75
+            tokens = VisionTokens(feats=feats, cls_attn=attn, valid=valid)
+            for erank_avg in (None, 1.0):
+                sel = get_selector("agilepruner", erank_avg=erank_avg)
+                for n in sorted({1, 3, num // 3, num // 2, num - 2, num}):
+                    out = sel.select(tokens, n).tolist()
+                    for row in range(3):
+                        expected = agilepruner_reference(feats[row], attn[row].tolist(),
+                                                         valid[row].tolist(), n, erank_avg)
+                        assert out[row] == expected, (num, spread, erank_avg, n, row)
+                        rank = sorted(range(num), key=lambda i: (not valid[row, i], -attn[row, i], i))
+                        top = sorted(rank[:n])
+                        gated += expected != top
+                        checked += 1
+    assert checked > 300 and gated > 50  # the diversity gate changed the plain top-n in many cases
 
 
 # ---- FinePruner stage A ----------------------------------------------------------------------------------------
@@ -187,9 +246,13 @@ def test_finepruner_selector_planted_clusters_and_padding(device):
     # row 1: sizes 7, 4, 4 over 15 valid tokens -> quotas 3.73, 2.13, 2.13 -> 4, 2, 2. Cluster 0's centroid now
     # tilts towards +e3 (its -0.1 member is gone), so among equal offsets the + member is closer: 10, 7, 14, 0.
     assert keep[1].tolist() == sorted([10, 7, 14, 0] + [1, 9] + [6, 15])
-    # default n_clusters = n // 4 = 2 for n = 8: still exact budget, distinct, valid
+    # default n_clusters = n // 4 = 2 for n = 8: row 0 as the planted image, row 1 as that image without its
+    # padding token (the padding token's features never enter the clustering)
     keep = get_selector("finepruner").select(tokens, 8)
-    assert all(len(set(r)) == 8 for r in keep.tolist()) and bool(valid.gather(1, keep).all())
+    assert keep[0].tolist() == get_selector("finepruner").select(VisionTokens(feats=feats[:1]), 8)[0].tolist()
+    others = torch.tensor([i for i in range(16) if i != 3], device=device)
+    alone = get_selector("finepruner").select(VisionTokens(feats=feats[1:, others]), 8)
+    assert keep[1].tolist() == others[alone[0]].tolist()
     # n above the valid count: every valid token, then padding by lower index
     assert sel.select(tokens, 16)[1].tolist() == list(range(16))
     assert sel.select(tokens, 15)[1].tolist() == [i for i in range(16) if i != 3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from data import toyworld as tw
+from modules.budget import resolve_budget, topk_keep
 from modules.head import PrunerHead, load_pruned
 from modules.pruned_vlm import PrunedVLM, PruningPlan
 
@@ -70,13 +72,32 @@ def test_teacher_meets_the_card_target_on_every_question_type(teacher, test_batc
 
 
 def test_shipped_pruner_loads_and_beats_random_at_its_budget(teacher, test_batch):
-    model, _ = teacher
+    model, processor = teacher
     head = PrunerHead.from_pretrained(PRUNER)
     assert head.config.model_type == "llava" and head.config.num_tokens == tw.GRID**2
-    pruned = load_pruned(model, PRUNER)
+    assert head.config.question, "the shipped pruner is question-aware"
+    pruned = load_pruned(model, PRUNER, processor=processor)
     learned = accuracy(pruned, *test_batch)
-    assert pruned.last_kept["stage1"].shape[1] == head.config.n1
     plan = head.plan()
+
+    # stage 1 kept the top n1 of the saved head's logits, the head reading the image's tokens and its prompt's
+    # text embeddings (built here by hand, not by PrunedVLM)
+    inputs = test_batch[0]
+    image_id = model.config.image_token_id
+    with torch.no_grad():
+        tokens = pruned.encode(inputs["pixel_values"], inputs["image_sizes"])
+        tokens = replace(tokens, prompt=model.get_input_embeddings()(inputs["input_ids"]),
+                         prompt_mask=inputs["attention_mask"].bool() & (inputs["input_ids"] != image_id))
+        logits = head.logits(tokens)
+    n1 = resolve_budget(head.config.n1, tw.GRID**2)  # the budget the config names
+    assert torch.equal(pruned.last_kept["stage1"], topk_keep(logits, n1, tokens.valid))
+    # the question matters: the same images asked each other's questions keep other tokens
+    with torch.no_grad():
+        swapped = head.logits(replace(tokens, prompt=tokens.prompt.roll(1, 0),
+                                      prompt_mask=tokens.prompt_mask.roll(1, 0)))
+    changed = (topk_keep(swapped, n1, tokens.valid) != pruned.last_kept["stage1"]).any(dim=1)
+    assert int(changed.sum()) >= len(changed) // 10, int(changed.sum())  # 34 of 96 for the shipped head
+
     random = accuracy(PrunedVLM(model, PruningPlan(stage1="random", n1=plan.n1, stage2=plan.stage2, n2=plan.n2,
-                                                   layer=plan.layer)), *test_batch)
+                                                   layer=plan.layer), processor=processor), *test_batch)
     assert learned > random + 0.1, (learned, random)

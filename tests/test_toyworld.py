@@ -247,10 +247,63 @@ def test_patch_labels_hand_built():
     assert (quad[pad] == -100).all()
     assert quad[3, 3] == 0 and quad[3, 4] == 1 and quad[4, 3] == 2 and quad[5, 7] == 3
 
-    # other grids scale the pixel threshold with the patch area
-    for grid in (4, 16):
-        lab = patch_labels(s, grid=grid)
-        assert lab["object"].shape == (grid * grid,) and (lab["object"] == 1).any()
+    # other grids: 24-px patches (threshold 24 px): the square (x 25..47, y 37..59) fills column 1 of rows
+    # 1-2; rows 0 and 3 are padding (the canvas spans y 24..71)
+    obj4 = patch_labels(s, grid=4)["object"].view(4, 4)
+    expected = torch.tensor([[-1] * 4, [0, 1, 0, 0], [0, 1, 0, 0], [-1] * 4])
+    assert torch.equal(obj4, expected)
+    # 6-px patches (threshold 1.5 px): columns 4-7 (x 24..47, 25..29 partly) of rows 6-9 (y 36..59);
+    # the canvas covers rows 4-11
+    obj16 = patch_labels(s, grid=16)["object"].view(16, 16)
+    expected = torch.zeros(16, 16, dtype=torch.long)
+    expected[:4] = expected[12:] = -1
+    expected[6:10, 4:8] = 1
+    assert torch.equal(obj16, expected)
+
+
+def patch_labels_reference(scene: Scene, grid: int) -> dict[str, list[int]]:
+    """Per patch, from the pixels of the padded frame one at a time: the object with the most pixels if it has
+    at least 6 px per 12 x 12 area, else padding when under half the patch is canvas, else background."""
+    ids = id_map(scene)
+    p = IMAGE_SIZE // grid
+    need = 6 * p * p / 144
+    top, left = tw.pad_offsets(scene.width, scene.height)
+    mid_y, mid_x = top + scene.height / 2, left + scene.width / 2
+    out = {"object": [], "color": [], "shape": [], "quadrant": []}
+    for r in range(grid):
+        for c in range(grid):
+            cell = Counter(ids[r * p:(r + 1) * p, c * p:(c + 1) * p].flatten().tolist())
+            objects = sorted(((-k, v) for v, k in cell.items() if v > 0))  # most pixels, then lower id
+            if objects and -objects[0][0] >= need:
+                o = scene.objects[objects[0][1] - 1]
+                out["object"].append(o.id + 1)
+                out["color"].append(COLORS.index(o.color))
+                out["shape"].append(SHAPES.index(o.shape))
+            elif 2 * (p * p - cell[-1]) < p * p:
+                out["object"].append(-1)
+                out["color"].append(COLOR_CLASSES.index("padding"))
+                out["shape"].append(-100)
+            else:
+                out["object"].append(0)
+                out["color"].append(COLOR_CLASSES.index("background"))
+                out["shape"].append(-100)
+            centre_y, centre_x = (r + 0.5) * p, (c + 0.5) * p
+            out["quadrant"].append(-100 if out["object"][-1] == -1 else
+                                   2 * (centre_y >= mid_y) + (centre_x >= mid_x))
+    return out
+
+
+@pytest.mark.parametrize("grid", [4, 8, 16])
+def test_patch_labels_match_a_pixel_count_reference(grid):
+    objects = Counter()
+    for i in range(12):
+        scene = sample(i, "val")["scene"]
+        lab = patch_labels(scene, grid=grid)
+        ref = patch_labels_reference(scene, grid)
+        for key, values in ref.items():
+            assert lab[key].tolist() == values, (i, key)
+        objects.update(ref["object"])
+    assert objects[-1] > 0 and objects[0] > 0 and len(objects) >= 6  # padding, background, several objects
 
 
 def test_patch_labels_object_pixel_threshold():

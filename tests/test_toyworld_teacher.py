@@ -19,22 +19,46 @@ def stream_batch():
 
 
 def test_stream_batch_contract(stream_batch):
+    """Row i of a stream batch is `toyworld.sample(i, "train")`: its dense labels, its image, its question,
+    and labels on exactly its answer."""
     n = tw.GRID**2
-    for key in ("patch_color", "patch_shape", "patch_row", "patch_col", "patch_center", "patch_quadrant"):
-        assert stream_batch[key].shape == (4, n)
-    assert stream_batch["pixel_values"].shape == (4, 3, tw.IMAGE_SIZE, tw.IMAGE_SIZE)
-    image_tokens = (stream_batch["input_ids"] == tw.toyworld_processor().tokenizer.convert_tokens_to_ids("<image>"))
+    processor = tw.toyworld_processor()
+    tokenizer = processor.tokenizer
+    image_tokens = stream_batch["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")
     assert image_tokens.sum(1).tolist() == [n] * 4
-    assert ((stream_batch["labels"] != -100).sum(1) >= 1).all()
+    names = {"patch_color": "color", "patch_shape": "shape", "patch_row": "row", "patch_col": "col",
+             "patch_quadrant": "quadrant"}
+    for i in range(4):
+        sample = tw.sample(i, "train")
+        for key, label in names.items():
+            assert torch.equal(stream_batch[key][i], sample["labels"][label]), (i, key)
+        assert torch.equal(stream_batch["patch_center"][i], center_patches(sample["scene"]))
+        assert int(stream_batch["qtype"][i]) == tw.QUESTION_TYPES.index(sample["question"].qtype)
+        pixels = processor.image_processor(images=[sample["image"]], return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(stream_batch["pixel_values"][i], pixels)
+        real = stream_batch["attention_mask"][i].bool()
+        text = tokenizer.decode(stream_batch["input_ids"][i][real & ~image_tokens[i]])
+        assert sample["question"].question in text
+        labels = stream_batch["labels"][i]
+        answer = tokenizer.decode(labels[labels != -100]).split()
+        assert answer[0] == sample["question"].answer and answer[1:] in ([], ["</s>"])
 
 
 def test_center_patches_mark_one_patch_per_object():
     for i in range(20):
         sample = tw.sample(i, "val")
-        flags = center_patches(sample["scene"])
-        assert int(flags.sum()) <= len(sample["scene"].objects)
-        objects = sample["labels"]["object"][flags == 1]
-        assert bool((objects > 0).all()), "a centre patch lies on an object"
+        scene = sample["scene"]
+        flags = center_patches(scene)
+        ids = tw.id_map(scene)  # the padded frame, pixel by pixel
+        top, left = tw.pad_offsets(scene.width, scene.height)
+        expected = torch.zeros(tw.GRID**2, dtype=torch.long)
+        for obj in scene.objects:
+            y, x = int(obj.cy) + top, int(obj.cx) + left  # the pixel under the object's centre
+            assert ids[y, x] == obj.id + 1, "the centre pixel shows the object"
+            expected[(y // tw.PATCH) * tw.GRID + x // tw.PATCH] += 1
+        # exactly one flagged patch per object (two centres never share a patch), where its centre pixel lies
+        assert int(expected.max()) == 1 and torch.equal(flags, expected)
+        assert int(flags.sum()) == len(scene.objects)
 
 
 def test_refs_name_their_targets():
@@ -78,10 +102,35 @@ def test_grounding_loss_trains_probe_and_lm(stage, stream_batch, tmp_path):
     grounded.load_state_dict(plain.state_dict())
     base, _ = plain.step_loss(stream_batch)
     loss, stats = grounded.step_loss(stream_batch)
-    ground, acc = grounded.grounding_loss(grounded.qa_forward(stream_batch, hidden=True).hidden_states[1],
-                                          stream_batch)
+    hidden = grounded.qa_forward(stream_batch, hidden=True).hidden_states[1]
+    # independent reference, one named object at a time: the probe at the naming word's hidden state
+    named = [(b, r) for b in range(4) for r in range(2) if int(stream_batch["ground_pos"][b, r]) >= 0]
+    assert len(named) == 2
+    terms, right = [], []
+    for b, r in named:
+        state = hidden[b, int(stream_batch["ground_pos"][b, r])].float()
+        row, col = int(stream_batch["ground_row"][b, r]), int(stream_batch["ground_col"][b, r])
+        row_logits, col_logits = grounded.probe.row(state), grounded.probe.col(state)
+        where = torch.tensor([row, col], dtype=torch.float32) / (tw.GRID - 1)
+        terms.append((-row_logits.log_softmax(-1)[row] - col_logits.log_softmax(-1)[col],
+                      ((grounded.probe.ordinal(state) - where) ** 2).mean()))
+        right.append(int(row_logits.argmax()) == row and int(col_logits.argmax()) == col)
+    ground = sum(t[0] for t in terms) / len(terms) + 4.0 * sum(t[1] for t in terms) / len(terms)
     torch.testing.assert_close(loss, base + 0.5 * ground)
-    assert 0 <= float(stats["ground_acc"]) <= 1 and float(acc) == float(stats["ground_acc"])
+    assert float(stats["ground_acc"]) == sum(right) / len(right)
+    # a probe that names one patch for every word is right exactly for the objects centred there (row AND
+    # column)
+    targets = [(int(stream_batch["ground_row"][b, r]), int(stream_batch["ground_col"][b, r]))
+               for b, r in named]
+    assert targets == [(5, 5), (1, 5)]
+    pointing = ToyWorldTeacher(stage=stage, init_from=str(tmp_path), ground_weight=0.5, ground_layer=1)
+    pointing.load_state_dict(plain.state_dict())
+    for patch, accuracy in (((5, 5), 0.5), ((5, 1), 0.0), ((1, 5), 0.5)):
+        with torch.no_grad():
+            for head, index in zip((pointing.probe.row, pointing.probe.col), patch):
+                head.weight.mul_(1e-4)
+                head.bias.copy_(10.0 * torch.nn.functional.one_hot(torch.tensor(index), tw.GRID))
+            assert float(pointing.step_loss(stream_batch)[1]["ground_acc"]) == accuracy, patch
     ground.backward()
     touched = {n for n, p in grounded.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert {"probe.row.weight", "probe.col.weight", "probe.ordinal.weight"} <= touched
@@ -178,7 +227,10 @@ def test_relation_loss_reads_both_columns_at_the_answer_position(stream_batch, t
     target = batch["ground_col"][paired].float() / (tw.GRID - 1)
     expected = 4.0 * torch.nn.functional.mse_loss(related.probe.pair(states), target)
     torch.testing.assert_close(loss, base + 2.0 * expected)
-    assert 0 <= float(stats["relation_acc"]) <= 1
+    # accuracy: does the sign of the two predicted columns match the sign of the true ones (objects apart)
+    pred, cols = related.probe.pair(states), batch["ground_col"][paired]
+    right = [bool((p[0] < p[1]) == (c[0] < c[1])) for p, c in zip(pred, cols) if c[0] != c[1]]
+    assert float(stats["relation_acc"]) == pytest.approx(sum(right) / len(right))
     expected.backward()
     touched = {n for n, p in related.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert "probe.pair.weight" in touched
@@ -187,5 +239,16 @@ def test_relation_loss_reads_both_columns_at_the_answer_position(stream_batch, t
     no_pairs = {**batch, "ground_pos": batch["ground_pos"].masked_fill(paired.unsqueeze(1), -1)}
     zero, _ = related.relation_loss(hidden, batch["labels"][:, 1:], no_pairs)
     assert float(zero.detach()) == 0.0
+    # a probe that always says "the first object is left of the second" is right for 2 of the 5 pairs
+    with torch.no_grad():
+        related.probe.pair.weight.mul_(1e-4)
+        related.probe.pair.bias.copy_(torch.tensor([0.0, 1.0]))
+        assert cols.tolist() == [[2, 6], [5, 1], [4, 3], [6, 2], [3, 4]]
+        assert float(related.step_loss(batch)[1]["relation_acc"]) == pytest.approx(2 / 5)
+        # two objects in one patch column have no order to get right: that pair is left out, 2 of 4
+        same_column = batch["ground_col"].clone()
+        same_column[paired.nonzero()[2]] = 4  # the (4, 3) pair becomes (4, 4)
+        _, acc = related.relation_loss(hidden, batch["labels"][:, 1:], {**batch, "ground_col": same_column})
+        assert float(acc) == pytest.approx(2 / 4)
     with pytest.raises(ValueError, match="relation_layer=0"):
         ToyWorldTeacher(stage="symbolic", init_from=str(tmp_path), relation_layer=0)
