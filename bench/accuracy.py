@@ -18,6 +18,7 @@ Writes accuracy.md, accuracy.json, accuracy.png (and overlay.png with --overlay 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -204,10 +205,11 @@ def model_inputs(batch: dict, device: torch.device, shuffle_images: bool = False
 
 
 @torch.no_grad()
-def evaluate(model, plan: PruningPlan, batches: list[dict], num_tokens: int, shuffle_images: bool = False
-             ) -> torch.Tensor:
-    """(n_samples,) bool: is the argmax of the last-position logits the answer's first token."""
-    pruned = PrunedVLM(model, plan)
+def evaluate(model, plan: PruningPlan, batches: list[dict], num_tokens: int, shuffle_images: bool = False,
+             processor=None) -> torch.Tensor:
+    """(n_samples,) bool: is the argmax of the last-position logits the answer's first token. `processor`: the one
+    that made the batches (it tells which visual tokens are padding)."""
+    pruned = PrunedVLM(model, plan, processor=processor)
     device = next(model.parameters()).device
     correct = []
     for batch in batches:
@@ -243,15 +245,23 @@ class Condition:
     budgets_used: dict = field(default_factory=dict)  # n -> {"n1", "n2", "n_eff"} when it is not simply n
 
 
+def own(component):
+    """A fresh copy of a default instance: each condition owns its components, so calibrating one condition (which
+    fits the wrapper and the method it wraps, e.g. AgilePruner's erank_avg) never changes another condition, nor the
+    shared DEFAULT_SELECTORS / DEFAULT_SCORERS."""
+    return copy.deepcopy(component)
+
+
 def stage1_conditions() -> list[Condition]:
     conditions = []
-    for selector in DEFAULT_SELECTORS:
-        if selector.name == "debiased":
+    for default in DEFAULT_SELECTORS:
+        if default.name == "debiased":
             continue  # the registered default wraps fastervlm: it is "fastervlm+debias" below
-        conditions.append(Condition(selector.name, lambda n, s=selector: PruningPlan(stage1=s, n1=n)))
-        if hasattr(selector, "score"):  # attention-based: debiasing applies
-            wrapped = Debiased(selector)
-            conditions.append(Condition(f"{selector.name}+debias",
+        plain = own(default)
+        conditions.append(Condition(default.name, lambda n, s=plain: PruningPlan(stage1=s, n1=n)))
+        if hasattr(default, "score"):  # attention-based: debiasing applies
+            wrapped = Debiased(own(default))
+            conditions.append(Condition(f"{default.name}+debias",
                                         lambda n, s=wrapped: PruningPlan(stage1=s, n1=n),
                                         needs_calibration=[(wrapped, lambda s=wrapped: PruningPlan(stage1=s, n1=1))]))
     return conditions
@@ -264,13 +274,14 @@ def stage2_conditions(layer: int, num_tokens: int, num_layers: int) -> list[Cond
     used = {n: {"n1": num_tokens, "n2": n, "layer": layer,
                 "n_eff": effective_budget(num_tokens, n, layer, num_layers)}
             for n in (budget_count(b, num_tokens) for b in BUDGETS)}
-    for scorer in DEFAULT_SCORERS:
-        if scorer.name == "debiased":
+    for default in DEFAULT_SCORERS:
+        if default.name == "debiased":
             continue  # the registered default wraps fastv: it is "fastv+debias" below
-        name = STAGE2_PREFIX + scorer.name
-        conditions.append(Condition(name, lambda n, s=scorer: PruningPlan(stage2=s, n2=n, layer=layer),
+        name = STAGE2_PREFIX + default.name
+        plain = own(default)
+        conditions.append(Condition(name, lambda n, s=plain: PruningPlan(stage2=s, n2=n, layer=layer),
                                     kept_stage="stage2", layer=layer, budgets_used=dict(used)))
-        wrapped = Debiased(scorer)
+        wrapped = Debiased(own(default))
         conditions.append(Condition(
             f"{name}+debias", lambda n, s=wrapped: PruningPlan(stage2=s, n2=n, layer=layer),
             kept_stage="stage2", layer=layer, budgets_used=dict(used),
@@ -281,10 +292,11 @@ def stage2_conditions(layer: int, num_tokens: int, num_layers: int) -> list[Cond
 def learned_conditions(head, num_tokens: int, num_layers: int) -> list[Condition]:
     layer = head.config.layer or num_layers // 2
     stage2 = Debiased(get_scorer("fastv"))
+    head2 = own(head)  # the same weights, its own instance (see `own`)
 
     def two_stage(n: int) -> PruningPlan:
         n1, n2 = solve_two_stage(n, num_tokens, layer, num_layers)
-        return PruningPlan(stage1=head, n1=n1, stage2=stage2, n2=n2, layer=layer)
+        return PruningPlan(stage1=head2, n1=n1, stage2=stage2, n2=n2, layer=layer)
 
     with_stage2 = Condition("learned+stage2", two_stage, kept_stage="stage2", layer=layer,
                             needs_calibration=[(stage2, lambda: PruningPlan(stage2=stage2, n2=1, layer=layer))])
@@ -301,15 +313,16 @@ def oracle_conditions() -> list[Condition]:
     return [Condition(o.name, lambda n, o=o: PruningPlan(stage1=o, n1=n), dashed=True) for o in (objects, question)]
 
 
-def calibrate_conditions(model, conditions: list[Condition], train_batches: list[dict]) -> dict:
-    """Fit each debiased component on training batches (never the test split); returns the fitted slopes."""
+def calibrate_conditions(model, conditions: list[Condition], train_batches: list[dict], processor=None) -> dict:
+    """Fit each debiased component on training batches (never the test split) made by `processor`; returns the
+    fitted slopes. A condition's calibration changes its own components only (see `own`)."""
     fitted = {}
     for condition in conditions:
         for component, calibration_plan in condition.needs_calibration:
             with warnings.catch_warnings():
                 # while calibrating, the wrapper still selects with per-sample fits and warns that it does
                 warnings.filterwarnings("ignore", message=".*is not calibrated.*")
-                calibrate(model, calibration_plan(), train_batches)
+                calibrate(model, calibration_plan(), train_batches, processor=processor)
             fitted[condition.name] = component.b
     return fitted
 
@@ -444,7 +457,7 @@ def kept_overlay(image: Image.Image, kept: torch.Tensor, grid: int) -> torch.Ten
 
 
 def plot_overlay(path: Path, model, samples: list[Sample], batch: dict, conditions: list[Condition],
-                 num_tokens: int, image_size: int) -> None:
+                 num_tokens: int, image_size: int, processor=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -461,7 +474,7 @@ def plot_overlay(path: Path, model, samples: list[Sample], batch: dict, conditio
             plan = condition.plan(n)
             if isinstance(plan.selector, OracleSelector):
                 plan.selector.set_batch(batch["meta"], num_tokens)
-            pruned = PrunedVLM(model, plan)
+            pruned = PrunedVLM(model, plan, processor=processor)
             pruned(**model_inputs(batch, device), logits_to_keep=1)
             kept[condition.name] = pruned.last_kept[condition.kept_stage].cpu()
     fig = plt.figure(figsize=(1.9 * len(methods), 2.3 * len(samples)))
@@ -552,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(name: str, plan: PruningPlan, shuffle: bool = False) -> dict:
         t0 = time.perf_counter()
-        result = summarize(evaluate(model, plan, batches, num_tokens, shuffle), qtypes)
+        result = summarize(evaluate(model, plan, batches, num_tokens, shuffle, processor), qtypes)
         timing[name] = time.perf_counter() - t0
         return result
 
@@ -593,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         train = load_split(data_root, "train", args.calib_samples, args.calib_samples)
         t0 = time.perf_counter()
         report["calibration"] = calibrate_conditions(model, conditions,
-                                                     encode_batches(processor, train, args.batch_size))
+                                                     encode_batches(processor, train, args.batch_size), processor)
         timing["calibration"] = time.perf_counter() - t0
 
     results: dict[str, dict] = {}
@@ -624,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         shown = test[:args.overlay]
         overlay_batch = encode_batches(processor, shown, len(shown))[0]
         plot_overlay(out / "overlay.png", model, shown, overlay_batch, conditions, num_tokens,
-                     model.config.vision_config.image_size)
+                     model.config.vision_config.image_size, processor)
     report["timing_s"] = {**timing, "total": time.perf_counter() - started}
     write_json(out / "accuracy.json", report)
     print()

@@ -115,7 +115,8 @@ class PrunerHead(nn.Module, ScoreSelector):
         super().__init__()
         self.config = config if config is not None else PrunerConfig(**params)
         cfg = self.config
-        self.source: str | None = None
+        self.source: str | None = None  # the path or hub id it was loaded from (plans refer to heads by it)
+        self.directory: Path | None = None  # the local directory it was read from (a hub id's snapshot)
         self.norm_in = nn.LayerNorm(cfg.in_dim)
         self.proj_in = nn.Linear(cfg.in_dim, cfg.d_model)
         if cfg.question:
@@ -275,6 +276,7 @@ class PrunerHead(nn.Module, ScoreSelector):
         except RuntimeError as err:
             raise ValueError(f"{weights_file} does not match the head described by {config_file}: {err}") from None
         head.source = str(path)
+        head.directory = directory
         return head.eval()
 
     @classmethod
@@ -323,13 +325,14 @@ def sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(enc, (0, dim - 2 * half))
 
 
-def load_pruned(model: nn.Module, path: str | Path):
-    """A `PrunedVLM` serving `model` with a released pruner: the head, the plan it was trained for, and the LoRA
-    adapters of the language model when the directory has `adapter/` (domain fine-tuned pruners)."""
+def load_pruned(model: nn.Module, path: str | Path, processor=None):
+    """A `PrunedVLM` serving `model` with a released pruner (a directory or hub id): the head, the plan it was
+    trained for, and the LoRA adapters of the language model when the pruner has `adapter/` (domain fine-tuned
+    pruners). `processor`: the one the inputs are made with (see `PrunedVLM`; needed with `image_sizes`)."""
     from modules.pruned_vlm import PrunedVLM
 
     head = PrunerHead.from_pretrained(path)
-    adapter_dir = Path(head.source) / "adapter"
+    adapter_dir = head.directory / "adapter"  # the downloaded snapshot for a hub id, not the id itself
     if adapter_dir.is_dir():
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -342,4 +345,4 @@ def load_pruned(model: nn.Module, path: str | Path):
         if missing:
             raise ValueError(f"{adapter_dir} holds LoRA weights this model has no place for, e.g. {missing[:3]}")
         model.load_state_dict(state, strict=False)
-    return PrunedVLM(model, head.plan())
+    return PrunedVLM(model, head.plan(), processor=processor)

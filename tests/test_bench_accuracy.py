@@ -3,6 +3,7 @@ two-stage budget solver matches the effective budget."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import sys
@@ -98,3 +99,52 @@ def test_solver_examples(bench):
     assert bench.solve_two_stage(7, 64, 1, 2) == (10, 4)  # n2 = 3.5 rounds up; n1 = 2 * 7 - 4
     assert bench.solve_two_stage(1, 64, 1, 2) == (1, 1)
     assert bench.solve_two_stage(60, 64, 1, 4) == (64, 30)  # n1 capped at N
+
+
+def component_state(component) -> dict:
+    """What calibration may change in a component (its own fields; a wrapped method is a component of its own)."""
+    if isinstance(component, torch.nn.Module):
+        return {k: v.clone() for k, v in component.state_dict().items()}
+    return {k: copy.deepcopy(v) for k, v in vars(component).items() if k != "inner" and not k.startswith("_")}
+
+
+def same(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+def test_calibrating_a_condition_changes_no_other_condition(bench, sdpa_model, processor, batch):
+    from modules.head import PrunerHead
+    from modules.scorers import DEFAULT_SCORERS
+    from modules.selectors import DEFAULT_SELECTORS
+    from modules.vlm import get_adapter
+
+    adapter = get_adapter(sdpa_model, processor)
+    num_tokens, num_layers = adapter.num_image_tokens, adapter.num_layers
+    torch.manual_seed(0)
+    head = PrunerHead.for_model(adapter, d_model=32, depth=1, heads=2).eval()
+    conditions = (bench.stage1_conditions() + bench.stage2_conditions(num_layers // 2, num_tokens, num_layers)
+                  + bench.learned_conditions(head, num_tokens, num_layers) + bench.oracle_conditions())
+    components = {c.name: [component for _, component in c.plan(1).components()] for c in conditions}
+    defaults = {id(d): d for d in (*DEFAULT_SELECTORS, *DEFAULT_SCORERS)}
+    default_states = {i: component_state(d) for i, d in defaults.items()}
+    targets = [c for c in conditions if c.needs_calibration]
+    assert {"agilepruner+debias", "stage2:finepruner+debias", "learned+stage2"} <= {c.name for c in targets}
+    for target in targets:
+        before = {name: [component_state(c) for c in comps] for name, comps in components.items()}
+        bench.calibrate_conditions(sdpa_model, [target], [batch], processor=processor)
+        after = {name: [component_state(c) for c in comps] for name, comps in components.items()}
+        assert not same(before[target.name], after[target.name]), f"{target.name} was calibrated"
+        changed = [name for name in components if name != target.name and not same(before[name], after[name])]
+        assert changed == [], f"calibrating {target.name} changed {changed}"
+        # the calibrated components are the ones its plans use at every budget
+        assert all(a is b for a, b in zip(components[target.name], (c for _, c in target.plan(2).components())))
+    # no component is shared between conditions, nor with the registry defaults every other user sees
+    owners = [id(c) for comps in components.values() for c in comps]
+    assert len(owners) == len(set(owners)) and not set(owners) & set(defaults)
+    assert all(same(default_states[i], component_state(d)) for i, d in defaults.items())
