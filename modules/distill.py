@@ -90,8 +90,13 @@ class DistillPruner(L.LightningModule):
         policy_samples: selections sampled per training input in policy mode (>= 2: each sample's baseline is
             the mean reward of the others, REINFORCE leave-one-out); the student pass runs on that many copies.
         lr, weight_decay, warmup_steps: AdamW with linear warm-up and cosine decay.
-        gradient_checkpointing: recompute the language model's activations in the backward pass.
+        gradient_checkpointing: recompute the language model's activations in the backward pass. The frozen VLM
+            stays in eval mode (no dropout); only its decoder layers themselves, not their attention or MLP, are
+            flagged as training, which is what transformers checks before checkpointing a layer.
         attn_implementation, dtype: how the VLM is loaded ("sdpa", "bfloat16", ...).
+        processor: path or hub id of the processor the training batches are built with (its image geometry,
+            pad-to-square or crop, decides which visual tokens are padding); default: `model`, none with
+            `model_config`.
         seed: drives the Gumbel noise per (step, rank), so a resumed run continues exactly.
     """
 
@@ -121,8 +126,13 @@ class DistillPruner(L.LightningModule):
         attn_implementation: str = "sdpa",
         dtype: str | None = None,
         seed: int = 0,
+        processor: str | None = None,
     ) -> None:
         super().__init__()
+        if processor is None and model is not None:
+            # recorded resolved, so hparams name the processor the adapter reads; Lightning also requires it to
+            # equal a data module's `processor` hparam (the one the batches are made with), when that has one
+            processor = model
         self.save_hyperparameters()
         if kl_temperature <= 0:
             raise ValueError(f"kl_temperature={kl_temperature} must be positive")
@@ -141,6 +151,7 @@ class DistillPruner(L.LightningModule):
         # Built here rather than in configure_model: under ZeRO-3 that hook runs inside deepspeed.zero.Init, where
         # from_pretrained would load into already-partitioned parameters; DeepSpeed partitions these at setup.
         self.pruned = self._build()
+        self.train(self.training)  # sets the VLM's modes (see `train`)
 
     # ---- construction ------------------------------------------------------------------------------------
     def _build(self) -> PrunedVLM:
@@ -148,7 +159,14 @@ class DistillPruner(L.LightningModule):
         vlm = load_vlm(hp.model, hp.model_config, hp.attn_implementation, hp.dtype)
         vlm.requires_grad_(False)
         if hp.gradient_checkpointing:
-            vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # effective only in layers flagged as training, see `train`
+            if hasattr(vlm, "activation_checkpointing_enable"):  # transformers >= 5.24
+                vlm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # enabling also makes the input embeddings require grad (needed by reentrant checkpoints only): that
+            # would put the frozen LM on the backward path where nothing needs it (the policy's student pass)
+            vlm.disable_input_require_grads()
         adapter = get_adapter(vlm)
         if hp.init_head is not None:
             head = PrunerHead.from_pretrained(hp.init_head)
@@ -161,11 +179,37 @@ class DistillPruner(L.LightningModule):
         head.train()
         plan = PruningPlan(stage1=head, n1=hp.n1, stage2=hp.stage2 if hp.n2 is not None else None, n2=hp.n2,
                            layer=hp.layer if hp.n2 is not None else None)
-        pruned = PrunedVLM(vlm, plan)
+        pruned = PrunedVLM(vlm, plan, processor=self._load_processor())
         cfg = head.config
         cfg.n1, cfg.n2, cfg.layer = hp.n1, hp.n2, pruned.layer
         cfg.stage2 = None if plan.scorer is None else to_config(plan.scorer)
         return pruned
+
+    def _load_processor(self):
+        """The processor named by `processor` (default: `model`), or None with neither (a `model_config` run)."""
+        if self.hparams.processor is None:
+            return None
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(self.hparams.processor)
+
+    def train(self, mode: bool = True) -> DistillPruner:
+        """Train mode for the head and the LoRA adapters only: the frozen VLM stays in eval mode (no dropout).
+        With gradient checkpointing, the language model's decoder layers are flagged as training too, the flag
+        alone (their attention and MLP stay in eval mode): transformers checkpoints a layer only when its own
+        `training` is set. Lightning's validation loop records and restores these per-module modes."""
+        super().train(mode)
+        if mode and getattr(self, "pruned", None) is not None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self.vlm.eval()
+            for module in self.vlm.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.train()  # LoRA adapters train, their dropout included
+            if self.hparams.gradient_checkpointing:
+                for layer in self.pruned.adapter.language_layers():
+                    layer.training = True
+        return self
 
     @staticmethod
     def _override_training_fields(head: PrunerHead, overrides: dict[str, Any]) -> None:
@@ -205,7 +249,7 @@ class DistillPruner(L.LightningModule):
     def _teacher(self, batch: dict[str, torch.Tensor], want_hidden: bool):
         inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask")}
         with torch.no_grad(), self._adapters_disabled():
-            return self.vlm(**inputs, output_hidden_states=want_hidden)
+            return self.vlm(**inputs, output_hidden_states=want_hidden, use_cache=False)
 
     def _adapters_disabled(self):
         import contextlib
@@ -245,7 +289,7 @@ class DistillPruner(L.LightningModule):
             t_hidden_all = None if t_hidden_all is None else t_hidden_all.repeat_interleave(copies, dim=0)
         labels = batch["labels"]
         student = self.pruned(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, vision_tokens=vision_tokens,
-                              prompt_end=batch.get("prompt_end"), output_hidden_states=want_hidden)
+                              prompt_end=batch.get("prompt_end"), output_hidden_states=want_hidden, use_cache=False)
         positions = self.pruned.last_positions  # (B, L_out) original index of each student row
         # row p predicts the label at p + 1; answers are text, so every predicting row survives pruning
         next_labels = F.pad(labels[:, 1:], (0, 1), value=-100).gather(1, positions)
@@ -342,7 +386,8 @@ class DistillPruner(L.LightningModule):
         """Teacher-forced predictions: kept visual tokens and the student's answer tokens per sample."""
         if "input_ids" not in batch:
             return []
-        out = self.pruned(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, prompt_end=batch.get("prompt_end"))
+        out = self.pruned(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, prompt_end=batch.get("prompt_end"),
+                          use_cache=False)
         positions = self.pruned.last_positions
         next_labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).gather(1, positions)
         predicted = out.logits.argmax(-1)
@@ -353,7 +398,11 @@ class DistillPruner(L.LightningModule):
 
     @torch.no_grad()
     def evaluate(self, loader, max_batches: int | None = None) -> dict[str, float]:
-        """Metrics of the current head (inference-mode selection) over a dataloader, outside the Trainer loop."""
+        """Metrics of the current head (inference-mode selection) over a dataloader, outside the Trainer loop.
+
+        In a multi-process run call it on EVERY rank with the same batches (e.g. the same unsharded loader):
+        under ZeRO-3 each forward pass gathers partitioned weights with collectives, so ranks that run
+        different numbers of batches hang; the metrics are synchronised across ranks as they are computed."""
         was_training = self.training
         self.eval()
         metrics = distill_metrics("eval").to(self.device)
@@ -376,6 +425,9 @@ class DistillPruner(L.LightningModule):
 
     # ---- checkpoints: only what trains -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning's DeepSpeed save drops checkpoint["state_dict"] and lets DeepSpeed write the module
+        # itself: there the frozen VLM stays out through the strategy's exclude_frozen_parameters
+        # (trainer/strategies.py).
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["pruner_config"] = asdict(self.head.config)
@@ -383,13 +435,37 @@ class DistillPruner(L.LightningModule):
             checkpoint["lora_config"] = self.lora_config.to_dict()
 
     def export_head(self, directory) -> None:
-        """Write the head (and LoRA adapters) as a pruner directory."""
-        export_pruner(directory, asdict(self.head.config),
-                      self.state_dict(),
-                      self.lora_config.to_dict() if self.hparams.lora is not None else None)
+        """Write the head (and LoRA adapters) as a pruner directory.
+
+        Under DeepSpeed ZeRO-3 each rank holds a shard of every parameter: call this on EVERY rank (it gathers
+        the trained weights with collectives, `deepspeed.zero.GatheredParameters`); rank 0 writes the full
+        weights, the other ranks write nothing."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        with _gathered(trainable):
+            state = {}
+            if self.global_rank == 0:
+                # inside the context the gathered parameters hold their full data; the frozen VLM's are not
+                # needed (and stay partitioned placeholders): keep the head's and the adapters' entries only
+                state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()
+                         if k.startswith(HEAD_PREFIX) or ("lora_" in k and k.startswith("pruned.model."))}
+        if self.global_rank == 0:
+            export_pruner(directory, asdict(self.head.config), state,
+                          self.lora_config.to_dict() if self.hparams.lora is not None else None)
 
 
 HEAD_PREFIX = "pruned.selector."
+
+
+def _gathered(params: list[torch.Tensor]):
+    """`deepspeed.zero.GatheredParameters(params)` when some of them are ZeRO-3 partitioned (a collective:
+    every rank must enter it), else a no-op that does not import deepspeed."""
+    import contextlib
+
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def export_pruner(directory, pruner_config: dict[str, Any], state_dict: dict[str, torch.Tensor],

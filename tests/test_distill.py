@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from modules.pruned_vlm import PrunedVLM, PruningPlan
 from modules.selectors import Selector
 
 HEAD = {"d_model": 32, "depth": 1, "heads": 2}
+SERVE_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_sizes")
 
 
 def make_module(workspace, **kwargs) -> DistillPruner:
@@ -72,7 +74,8 @@ def test_policy_loss_is_reinforce_with_a_leave_one_out_baseline(tiny_workspace, 
     with torch.no_grad():
         for row in range(rows):
             b = row // copies
-            pruned = PrunedVLM(module.vlm, PruningPlan(stage1=FixedSelection(keep[row:row + 1]), n1=n1))
+            pruned = PrunedVLM(module.vlm, PruningPlan(stage1=FixedSelection(keep[row:row + 1]), n1=n1),
+                               processor=module.pruned.adapter.processor)
             student = pruned(**{k: tiny_batch[k][b:b + 1] for k in inputs}).logits[0]
             positions = pruned.last_positions[0]  # the surviving rows of the pruned sequence
             answer = F.pad(tiny_batch["labels"][b, 1:], (0, 1), value=-100)[positions] != -100
@@ -104,10 +107,14 @@ def test_lora_adapters_train_with_the_head_never_the_vision_tower(tiny_workspace
 
 def test_teacher_ignores_lora_adapters(tiny_workspace, tiny_batch):
     module = make_module(tiny_workspace, lora={"r": 4})
+    inputs = {k: tiny_batch[k] for k in ("input_ids", "pixel_values", "attention_mask")}
     before = module._teacher(tiny_batch, False).logits
-    for name, p in module.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_()  # make the adapters matter
+    with torch.no_grad():
+        torch.testing.assert_close(module.vlm(**inputs).logits, before)  # lora_B starts at 0: no effect yet
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_()  # make the adapters matter
+        assert not torch.allclose(module.vlm(**inputs).logits, before, atol=1e-3), "the adapters now matter"
     assert torch.equal(module._teacher(tiny_batch, False).logits, before)
 
 
@@ -130,12 +137,29 @@ def test_metrics_and_effective_budget(tiny_workspace, tiny_batch):
     module = make_module(tiny_workspace, n1=8, n2=2, layer=1)
     module.eval()
     with torch.no_grad():
-        module.shared_step(tiny_batch, module.val_metrics)
+        teacher = module._teacher(tiny_batch, False).logits
+        # the teacher's own predictions as labels: its accuracy is 1, the student's is its agreement on them
+        labels = tiny_batch["labels"].clone()
+        answer = labels[:, 1:] != -100
+        labels[:, 1:][answer] = teacher.argmax(-1)[:, :-1][answer]
+        module.shared_step({**tiny_batch, "labels": labels}, module.val_metrics)
+        student = module.pruned(**{k: tiny_batch[k] for k in SERVE_INPUTS},
+                                prompt_end=tiny_batch.get("prompt_end")).logits
     values = module.val_metrics.compute()
+    positions = module.pruned.last_positions
+    t = teacher.gather(1, positions.unsqueeze(-1).expand(-1, -1, teacher.shape[-1]))
+    rows = F.pad(labels[:, 1:], (0, 1), value=-100).gather(1, positions) != -100
+    first = rows & (rows.cumsum(dim=1) == 1)
+    kl = F.kl_div(student[rows].log_softmax(-1), t[rows].log_softmax(-1), log_target=True,
+                  reduction="none").sum(-1).mean()
+    agree = student.argmax(-1) == t.argmax(-1)
+    assert float(kl) > 1e-4, "pruning 16 -> 8 -> 2 tokens changes the answer distribution"
+    assert float(values["val/kl"]) == pytest.approx(float(kl), rel=1e-4)
+    assert float(values["val/teacher_accuracy"]) == 1.0
+    assert float(values["val/teacher_agreement"]) == pytest.approx(float(agree[rows].float().mean()))
+    assert float(values["val/accuracy"]) == pytest.approx(float(agree[first].float().mean()))
     n_layers = 4
     assert values["val/kept_ratio"] == pytest.approx((1 * 8 + (n_layers - 1) * 2) / n_layers / 16)
-    assert 0 <= values["val/teacher_agreement"] <= 1 and values["val/kl"] >= 0
-    assert values["val/teacher_accuracy"] >= 0
 
 
 def test_train_n1_draws_a_budget_per_step_and_restores_n1(tiny_workspace, tiny_batch):
@@ -190,30 +214,68 @@ def test_bad_arguments(tiny_workspace):
         DistillPruner(model=str(tiny_workspace / "model"), n1=8, n2=4, train_n1=[8, 2])
 
 
-def test_lora_pruner_exports_and_serves_identically(tiny_workspace, tiny_batch, tmp_path):
-    from transformers import LlavaForConditionalGeneration
-
-    from modules.head import load_pruned
-
-    module = make_module(tiny_workspace, n2=2, layer=2, lora={"r": 4}, ce_weight=1.0)
+def export_lora_pruner(workspace, batch, directory) -> DistillPruner:
+    """A DistillPruner with LoRA, trained two steps and exported to `directory` (head + adapter/)."""
+    module = make_module(workspace, n2=2, layer=2, lora={"r": 4}, ce_weight=1.0)
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-2)
     for _ in range(2):
-        module.shared_step(tiny_batch, module.train_metrics).backward()
+        module.shared_step(batch, module.train_metrics).backward()
         optimizer.step()
         optimizer.zero_grad()
-    module.export_head(tmp_path / "pruner")
-    assert (tmp_path / "pruner" / "adapter" / "adapter_model.safetensors").is_file()
+    module.export_head(directory)
+    assert (directory / "adapter" / "adapter_model.safetensors").is_file()
+    return module
 
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_workspace / "model").eval()
+
+def serving_model(workspace):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(workspace / "model").eval()
     model.model.multi_modal_projector.linear_2.weight.data *= 8  # as make_module did to the training copy
-    served = load_pruned(model, tmp_path / "pruner")
-    inputs = {k: tiny_batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "image_sizes")}
+    return model
+
+
+
+def test_lora_pruner_exports_and_serves_identically(tiny_workspace, tiny_batch, tmp_path):
+    from modules.head import load_pruned
+
+    module = export_lora_pruner(tiny_workspace, tiny_batch, tmp_path / "pruner")
+    served = load_pruned(serving_model(tiny_workspace), tmp_path / "pruner", processor=module.pruned.adapter.processor)
+    inputs = {k: tiny_batch[k] for k in SERVE_INPUTS}
     module.eval()
     with torch.no_grad():
         expected = module.pruned(**inputs).logits
         got = served(**inputs).logits
     assert torch.equal(served.last_kept["stage1"], module.pruned.last_kept["stage1"])
     torch.testing.assert_close(got, expected)
+
+
+def test_load_pruned_from_a_hub_id_applies_its_lora_adapter(tiny_workspace, tiny_batch, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from modules.head import load_pruned
+
+    module = export_lora_pruner(tiny_workspace, tiny_batch, tmp_path / "snapshot")
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):  # offline stand-in for the hub
+        asked.append((repo_id, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    processor = module.pruned.adapter.processor
+    from_hub = load_pruned(serving_model(tiny_workspace), "org/name", processor=processor)
+    local = load_pruned(serving_model(tiny_workspace), tmp_path / "snapshot", processor=processor)
+    assert [repo for repo, _ in asked] == ["org/name"] and "adapter/*" in asked[0][1]
+    assert from_hub.selector.source == "org/name"  # a plan still names the head by its hub id
+    lora = {n for n, _ in from_hub.model.named_parameters() if "lora_" in n}
+    assert lora and lora == {n for n, _ in local.model.named_parameters() if "lora_" in n}
+    inputs = {k: tiny_batch[k] for k in SERVE_INPUTS}
+    with torch.no_grad():
+        bare = PrunedVLM(serving_model(tiny_workspace), from_hub.plan, processor=processor)(**inputs).logits
+        got, expected = from_hub(**inputs).logits, local(**inputs).logits
+    assert torch.equal(got, expected)
+    assert not torch.allclose(bare, expected, atol=1e-4), "the trained adapter changes the output"
 
 
 def test_replicate_batch_keeps_each_prompt_with_its_images():
@@ -226,3 +288,140 @@ def test_replicate_batch_keeps_each_prompt_with_its_images():
     assert image_rows.tolist() == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3]
     assert out["pixel_values"].flatten().tolist() == image_rows.tolist()
     assert torch.equal(out["image_sizes"], batch["image_sizes"][image_rows]) and out["meta"] == ["a", "b"]
+
+
+# ---- gradient checkpointing, no KV cache in training -------------------------------------------------------------
+
+
+def visible_dropout(module: DistillPruner, p: float = 0.5) -> None:
+    """Give every dropout of the VLM a real rate, so that a VLM module left in training mode changes the logits."""
+    for m in module.vlm.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+        for name in ("attention_dropout", "dropout"):  # Llama and CLIP attention read a float rate
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, p)
+
+
+def count_attention_calls(module: DistillPruner) -> list[int]:
+    """Appends to the returned list on every forward call of the first decoder layer's self-attention; a layer
+    recomputed in the backward pass (gradient checkpointing) calls it again."""
+    calls: list[int] = []
+    layer = module.pruned.adapter.language_layers()[0]
+    layer.self_attn.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("mode, through_lm", [("straight_through", True), ("policy", False)])
+def test_gradient_checkpointing_recomputes_the_language_model_without_dropout(tiny_workspace, tiny_batch, mode,
+                                                                               through_lm):
+    """Straight-through: the head's gradient flows back through every decoder layer, which checkpointing
+    recomputes. Policy: the head's gradient is its log-probability alone; the student pass stays off the
+    backward path, checkpointing or not."""
+    runs = {}
+    for checkpointing in (False, True):
+        module = make_module(tiny_workspace, gradient_checkpointing=checkpointing, head={**HEAD, "mode": mode})
+        visible_dropout(module)
+        module.head.noise_seed = 0
+        calls = count_attention_calls(module)
+        losses, counts = [], []
+        for seed in (1, 2):  # the global RNG drives dropout; the Gumbel noise follows noise_seed only
+            torch.manual_seed(seed)
+            module.zero_grad()
+            calls.clear()
+            loss = module.shared_step(tiny_batch, module.train_metrics)
+            loss.backward()
+            losses.append(loss.detach())
+            counts.append(len(calls))
+        runs[checkpointing] = losses, counts, {n: p.grad.clone() for n, p in module.named_parameters()
+                                               if p.grad is not None}
+    (plain_losses, plain_counts, plain_grads), (ckpt_losses, ckpt_counts, ckpt_grads) = runs[False], runs[True]
+    assert plain_counts == [2, 2], "teacher and student pass"
+    assert ckpt_counts == ([3, 3] if through_lm else [2, 2]), "+ the student's layer again in the backward pass"
+    # no dropout anywhere in the VLM: another RNG state gives the same loss, with or without checkpointing
+    assert torch.equal(plain_losses[0], plain_losses[1]) and torch.equal(ckpt_losses[0], ckpt_losses[1])
+    assert torch.equal(plain_losses[0], ckpt_losses[0])
+    assert plain_grads.keys() == ckpt_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, msg=name)
+
+
+class StepProbe(L.Callback):
+    """Per training batch: how often the first decoder layer's attention ran, and which VLM modules trained."""
+
+    def __init__(self, calls: list[int]):
+        self.calls, self.counts, self.training = calls, [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.calls.clear()
+        self.training.append({id(m) for m in pl_module.vlm.modules() if m.training})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.counts.append(len(self.calls))  # after the backward pass and the optimizer step
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_holds_through_trainer_fit(tiny_workspace, tiny_batch, checkpointing):
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    module = DistillPruner(model=str(tiny_workspace / "model"), n1=4, head=HEAD,
+                           gradient_checkpointing=checkpointing)  # as a config builds it: no .train() call
+    probe = StepProbe(count_attention_calls(module))
+    batches = DataLoader([tiny_batch] * 2, batch_size=None)
+    # a sanity validation before training and a validation after each step: Lightning's eval/restore of modes
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, val_check_interval=1, limit_val_batches=1,
+                        num_sanity_val_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[probe])
+    trainer.fit(module, batches, DataLoader([tiny_batch], batch_size=None))
+    layers = {id(layer) for layer in module.pruned.adapter.language_layers()}
+    assert probe.counts == ([3, 3] if checkpointing else [2, 2])
+    # the decoder layers' own flag at most, never their attention, MLP or dropout
+    assert probe.training == ([layers] * 2 if checkpointing else [set(), set()])
+
+
+def test_training_builds_no_kv_cache(tiny_workspace, tiny_batch):
+    module = make_module(tiny_workspace, n2=2, layer=2)
+    inputs = {k: tiny_batch[k] for k in ("input_ids", "pixel_values", "attention_mask")}
+    with torch.no_grad():
+        assert module.vlm(**inputs).get("cache") is not None, "the check below would see a cache"
+    caches = []
+    module.vlm.register_forward_hook(lambda m, args, kwargs, out: caches.append(out.get("cache")), with_kwargs=True)
+    module.shared_step(tiny_batch, module.train_metrics).backward()
+    assert caches == [None, None], "teacher and student pass"
+
+
+# ---- the processor the batches are made with ----------------------------------------------------------------------
+
+
+def test_processor_decides_which_tokens_are_padding(tiny_workspace, tiny_batch, tmp_path):
+    from modules.vlm.tiny import tiny_llava_processor, tiny_tokenizer
+
+    tiny_llava_processor(tiny_tokenizer(), pad_to_square=False).save_pretrained(tmp_path / "crop")
+    default = make_module(tiny_workspace)  # the workspace's processor pads to square: the model's, by default
+    cropped = make_module(tiny_workspace, processor=str(tmp_path / "crop"))
+    assert default.hparams.processor == str(tiny_workspace / "model")  # recorded resolved
+    assert cropped.hparams.processor == str(tmp_path / "crop")
+    pixels, sizes = tiny_batch["pixel_values"], tiny_batch["image_sizes"]
+    assert bool((sizes[:, 0] != sizes[:, 1]).any()), "some images are not square"
+    padded = default.pruned.encode(pixels, sizes).valid_or_all()
+    assert not bool(padded.all()) and bool(padded.any(dim=1).all())  # every image shows some content
+    assert bool(cropped.pruned.encode(pixels, sizes).valid_or_all().all())  # a crop leaves no padding
+
+
+def test_model_config_takes_its_processor_explicitly(tiny_workspace, tiny_batch):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_workspace / "model").to_dict()
+    torch.manual_seed(0)
+    bare = DistillPruner(model_config=config, n1=4, head=HEAD)
+    assert bare.pruned.adapter.processor is None
+    with pytest.raises(ValueError, match="processor"):
+        bare.shared_step(tiny_batch, bare.train_metrics)  # image_sizes without the processor that made them
+    no_sizes = {k: v for k, v in tiny_batch.items() if k != "image_sizes"}
+    assert torch.isfinite(bare.shared_step(no_sizes, bare.train_metrics))
+    torch.manual_seed(0)
+    module = DistillPruner(model_config=config, n1=4, head=HEAD, processor=str(tiny_workspace / "model"))
+    valid = module.pruned.encode(tiny_batch["pixel_values"], tiny_batch["image_sizes"]).valid_or_all()
+    assert not bool(valid.all())  # the processor pads to square: non-square images show padding
+    assert torch.isfinite(module.shared_step(tiny_batch, module.train_metrics))

@@ -38,35 +38,65 @@ def load_script():
 
 
 def test_resolve_strategy_names():
-    assert type(resolve_strategy("ddp", "cpu")) is DDPStrategy
+    assert type(resolve_strategy("ddp")) is DDPStrategy
     for name, stage in (("deepspeed_stage_2", 2), ("deepspeed_stage_3", 3)):
-        cpu = resolve_strategy(name, "cpu")
-        gpu = resolve_strategy(name, "gpu")
-        assert type(cpu) is DeepSpeedStrategy
-        assert type(gpu) is StockDeepSpeedStrategy
-        for strategy in (cpu, gpu):
-            assert strategy.config["zero_optimization"]["stage"] == stage
-    assert type(resolve_strategy("deepspeed_stage_2", CPUAccelerator())) is DeepSpeedStrategy
+        strategy = resolve_strategy(name)
+        assert type(strategy) is DeepSpeedStrategy
+        assert strategy.config["zero_optimization"]["stage"] == stage
+        assert strategy.exclude_frozen_parameters is True
+    kept = resolve_strategy("deepspeed_stage_2", exclude_frozen_parameters=False)
+    assert kept.exclude_frozen_parameters is False
 
 
 def test_resolve_strategy_unknown_name():
     with pytest.raises(ValueError, match=r"unknown strategy 'zero2'.*deepspeed_stage_2"):
-        resolve_strategy("zero2", "cpu")
+        resolve_strategy("zero2")
     with pytest.raises(ValueError, match="destroy_process_group"):
-        resolve_strategy("deepspeed_stage_2", "cpu", destroy_process_group=True)
+        resolve_strategy("deepspeed_stage_2", destroy_process_group=True)
 
 
-def test_registered_names_build_cpu_strategy():
-    assert "deepspeed_stage_3_cpu" in StrategyRegistry
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="deepspeed_stage_3_cpu",
-        logger=False,
-        enable_progress_bar=False,
-    )
-    assert type(trainer.strategy) is DeepSpeedStrategy
-    assert trainer.strategy.config["zero_optimization"]["stage"] == 3
+@pytest.mark.parametrize("accelerator", ["cpu", "gpu"])
+@pytest.mark.parametrize("name", ["deepspeed_stage_2", "deepspeed_stage_3"])
+def test_registered_names_build_learnprune_strategy(name, accelerator):
+    """Lightning's own names resolve to learnprune's strategy with its preset, whatever the accelerator (on
+    CUDA the subclass behaves as the stock one); the Trainer's connector builds it from the registry, as the
+    CLI and a YAML `strategy:` line do. "gpu" is only resolved, not instantiated into a Trainer (no GPU
+    here)."""
+    stage = int(name[-1])
+    entry = StrategyRegistry[name]
+    assert entry["strategy"] is DeepSpeedStrategy and entry["init_params"]["config"] == str(PRESETS[name])
+    if accelerator == "gpu":
+        strategy = StrategyRegistry.get(name)
+    else:
+        trainer = pl.Trainer(accelerator=accelerator, devices=2, strategy=name, logger=False,
+                             enable_progress_bar=False)
+        strategy = trainer.strategy
+    assert type(strategy) is DeepSpeedStrategy
+    assert strategy.config["zero_optimization"]["stage"] == stage
+    assert strategy.exclude_frozen_parameters is True
+    # the stock strategy keeps the other names, and ddp stays Lightning's
+    assert StrategyRegistry["deepspeed_stage_3_offload"]["strategy"] is StockDeepSpeedStrategy
+    assert StrategyRegistry["ddp"]["strategy"] is DDPStrategy
+
+
+def test_exclude_frozen_checkpoint_loads_non_strict(monkeypatch):
+    """A checkpoint without the frozen parameters must reach DeepSpeed with load_module_strict=False, whatever
+    the module's strict_loading (which is restored afterwards)."""
+    seen = {}
+
+    def fake_load(self, path, weights_only=None):
+        seen["strict"] = self.lightning_module.strict_loading
+        return {}
+
+    monkeypatch.setattr(StockDeepSpeedStrategy, "load_checkpoint", fake_load)
+    module = pl.LightningModule()
+    for exclude, expected in ((True, False), (False, True)):
+        strategy = DeepSpeedStrategy(accelerator=CPUAccelerator(), config=str(PRESETS["deepspeed_stage_2"]),
+                                     exclude_frozen_parameters=exclude)
+        strategy._lightning_module = module
+        strategy.load_checkpoint("unused")
+        assert seen["strict"] is expected
+        assert module.strict_loading is True and module._strict_loading is None
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -144,11 +174,16 @@ def test_two_process_fit(name, tmp_path):
         assert (ckpt / "checkpoint").is_dir(), log
         assert list((ckpt / "checkpoint").glob("*optim_states.pt")), log
 
-    final = re.search(r"^FINAL first_loss=(\S+) loss=(\S+) .* partitioned=(\S+)", proc.stdout, re.M)
+    final = re.search(r"^FINAL first_loss=(\S+) loss=(\S+) .* partitioned=(\S+) strategy=(\S+) stage=(\S+)",
+                      proc.stdout, re.M)
     assert final, log
     first, last = float(final[1]), float(final[2])
     assert math.isfinite(first) and math.isfinite(last) and last < first
     assert final[3] == ("True" if name == "deepspeed_stage_3" else "None")
+    if name == "ddp":
+        assert final.group(4, 5) == ("lightning.pytorch.strategies.ddp.DDPStrategy", "None")
+    else:
+        assert final.group(4, 5) == ("trainer.strategies.DeepSpeedStrategy", name[-1])
     # Sharding must not change the math: every strategy matches the single-process computation.
     expected = reference_epoch_losses(epochs)
     assert first == pytest.approx(expected[0], rel=1e-4)

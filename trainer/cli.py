@@ -14,10 +14,8 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from data.datamodule import LlavaDataModule
-from modules.distill import DistillPruner, export_pruner
+from modules.distill import export_pruner
 from trainer.callbacks import SkipSummary
-from trainer.strategies import STRATEGY_NAMES, resolve_strategy
 
 # the frozen VLM stays in eval mode on purpose (no dropout in teacher or student)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -27,34 +25,25 @@ class PrunerCLI(LightningCLI):
     """LightningCLI over any LightningModule / LightningDataModule named by `class_path` in the config
     (DistillPruner + LlavaDataModule for pruners; the ToyWorld teacher stages use their own).
 
-    `trainer.strategy` accepts "ddp", "deepspeed_stage_2" and "deepspeed_stage_3": the DeepSpeed names use the
-    presets in configs/deepspeed/ and run the real DeepSpeed engine on CPU too (gloo), so the same config works
-    on a laptop and on 8 GPUs. The data module reuses the model's processor when it is given none.
+    `trainer.strategy` accepts Lightning's names and `class_path` forms; "deepspeed_stage_2" and
+    "deepspeed_stage_3" are learnprune's presets in configs/deepspeed/, registered in Lightning's
+    StrategyRegistry by trainer.strategies: they run the real DeepSpeed engine on CPU too (gloo), so the same
+    config works on a laptop and on 8 GPUs, and checkpoint only the trained parameters. The data module reuses
+    the model's processor when it is given none.
     """
 
-    def instantiate_trainer(self, **kwargs: Any):
-        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        trainer_cfg = config.get("trainer", {})
-        strategy = trainer_cfg.get("strategy") if hasattr(trainer_cfg, "get") else None
-        if isinstance(strategy, str) and strategy in STRATEGY_NAMES:
-            kwargs["strategy"] = resolve_strategy(strategy, trainer_cfg.get("accelerator", "auto"))
-        return super().instantiate_trainer(**kwargs)
-
     def before_instantiate_classes(self) -> None:
+        # One processor for batches and model: DistillPruner reads from it which visual tokens are padding. A
+        # config may name it under `data`, under `model`, or not at all (then the model's path); both classes get
+        # the same one, and Lightning's hparam merge sees one value, not two.
         config = self.config[self.subcommand] if self.subcommand else self.config
-        strategy = config.get("trainer", {}).get("strategy")
-        if isinstance(strategy, str) and strategy in STRATEGY_NAMES:
-            config["trainer"]["strategy"] = "auto"  # replaced by the resolved object in instantiate_trainer
-            self._strategy_name = strategy
-
-    def instantiate_classes(self) -> None:
-        super().instantiate_classes()
-        dm, model = self.datamodule, self.model
-        model_path = getattr(model, "hparams", {}).get("model") if isinstance(model, DistillPruner) else None
-        if isinstance(dm, LlavaDataModule) and dm.processor_path is None and model_path is not None:
-            from transformers import AutoProcessor
-
-            dm.set_processor(AutoProcessor.from_pretrained(model_path))
+        model_args = getattr(config.get("model"), "init_args", None)
+        data_args = getattr(config.get("data"), "init_args", None)
+        if model_args is None or data_args is None or "processor" not in model_args or "processor" not in data_args:
+            return
+        processor = data_args.processor or model_args.processor or model_args.get("model")
+        if processor is not None:
+            model_args.processor = data_args.processor = processor
 
 
 def run_cli(args: list[str] | None = None) -> PrunerCLI:

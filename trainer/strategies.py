@@ -2,9 +2,16 @@
 
 Lightning's stock ``DeepSpeedStrategy`` refuses anything but CUDA. :class:`DeepSpeedStrategy` here runs the
 real DeepSpeed engine on CPU (gloo, ``DS_ACCELERATOR=cpu``) so that CI exercises ZeRO-2/3 end to end; on GPUs
-every override defers to the stock behaviour.
+every override defers to the stock behaviour. It saves only the parameters that train
+(``exclude_frozen_parameters=True`` by default): a checkpoint of a head trained on a frozen 7B VLM is
+megabytes.
 
-Use from a LightningCLI YAML::
+Importing this module (``import trainer`` does) registers ``deepspeed_stage_2`` and ``deepspeed_stage_3`` in
+Lightning's ``StrategyRegistry``, replacing Lightning's own entries of those names:
+``Trainer(strategy="deepspeed_stage_3")``, a YAML ``strategy: deepspeed_stage_3`` line and
+``--trainer.strategy deepspeed_stage_3`` all build :class:`DeepSpeedStrategy` with the preset in
+``configs/deepspeed/`` (``ddp`` stays Lightning's).
+Any other configuration goes through ``class_path``::
 
     trainer:
       accelerator: cpu          # or gpu
@@ -13,11 +20,6 @@ Use from a LightningCLI YAML::
         class_path: trainer.strategies.DeepSpeedStrategy
         init_args:
           config: configs/deepspeed/zero3.json
-
-or by registered name (``trainer.strategies`` must have been imported, e.g. by ``trainer.cli``)::
-
-    trainer:
-      strategy: deepspeed_stage_3_cpu
 
 Notes:
 
@@ -32,6 +34,9 @@ Notes:
   callback, and do not call ``trainer.save_checkpoint``/``validate``/``test`` on the same strategy afterwards
   (the engine keeps the destroyed group). For ``fit`` followed by ``test`` pass
   ``destroy_process_group="exit"`` (at interpreter exit instead) or ``"never"``.
+- Lightning calls ``on_fit_end`` after the strategy's teardown (on GPUs the model is on the CPU by then):
+  work that needs the ranks together after training (a ZeRO-3 forward pass, gathering weights for export)
+  belongs in ``on_train_end`` (see trainer/callbacks.py ``ReportAccuracy``).
 - The presets leave ``train_micro_batch_size_per_gpu``, ``gradient_clipping`` and the ``fp16``/``bf16`` blocks
   to Lightning (dataloader batch size, ``Trainer(gradient_clip_val=..., precision=...)``); Lightning refuses a
   preset that sets ``gradient_accumulation_steps`` (use ``Trainer(accumulate_grad_batches=...)``) and does not
@@ -50,7 +55,8 @@ from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.accelerators import Accelerator, CPUAccelerator
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -91,16 +97,23 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
     """Lightning's DeepSpeed strategy, extended to run on CPU with gloo.
 
     Accepts every argument of the stock strategy; ``config`` may be a dict or a path to a JSON preset (see
-    ``configs/deepspeed/``). With a CUDA accelerator it behaves exactly like the stock strategy.
+    ``configs/deepspeed/``). With a CUDA accelerator it behaves like the stock strategy, except for the
+    default of ``exclude_frozen_parameters``.
 
     Args:
+        exclude_frozen_parameters: leave parameters with ``requires_grad=False`` out of checkpoints (default
+            True, the stock default is False): Lightning's DeepSpeed save does not go through the module's
+            ``state_dict``/``on_save_checkpoint``, so this is the only way to keep a frozen VLM out. Such a
+            checkpoint is loaded with ``load_module_strict=False`` (see :meth:`load_checkpoint`): the frozen
+            weights come from the model's own ``from_pretrained``.
         destroy_process_group: on CPU, when to ``barrier()`` and destroy the process group: ``"teardown"``
-        (end     of each ``fit``/``validate``/...), ``"exit"`` (interpreter exit) or ``"never"``.
+            (end of each ``fit``/``validate``/...), ``"exit"`` (interpreter exit) or ``"never"``.
     """
 
     def __init__(
         self,
         *args: Any,
+        exclude_frozen_parameters: bool = True,
         destroy_process_group: Literal["teardown", "exit", "never"] = "teardown",
         **kwargs: Any,
     ) -> None:
@@ -108,7 +121,7 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
             raise ValueError(
                 f"destroy_process_group must be 'teardown', 'exit' or 'never', got {destroy_process_group!r}"
             )
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
         # Lightning writes batch size, accumulation and precision into the config; a dict shared with another
         # Trainer would then be rejected ("Do not set gradient_accumulation_steps").
         self.config = copy.deepcopy(self.config)
@@ -211,6 +224,21 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         )
         self.model = engine
 
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        module = self.lightning_module
+        if not self.exclude_frozen_parameters or module is None:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        # The stock method passes load_module_strict=module.strict_loading to DeepSpeed, which would then
+        # refuse the frozen parameters this strategy left out of the checkpoint. The trained ones are restored
+        # from the ZeRO optimizer partitions (fit) or the consolidated fp32 weights (validate/test) either
+        # way.
+        saved = module._strict_loading
+        module.strict_loading = False
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        finally:
+            module._strict_loading = saved
+
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True
         super().on_exception(exception)
@@ -231,12 +259,15 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
+        # Lightning's registry is filled when lightning.pytorch.strategies is imported (above), so these
+        # entries replace its own "deepspeed_stage_2"/"deepspeed_stage_3".
         for name, preset in PRESETS.items():
             stage = name.rsplit("_", 1)[-1]
             strategy_registry.register(
-                f"{name}_cpu",
+                name,
                 cls,
-                description=f"DeepSpeed ZeRO stage {stage} (learnprune preset), CPU-capable",
+                description=f"DeepSpeed ZeRO stage {stage}, learnprune preset {preset.name} (CPU-capable,"
+                " saves only the trained parameters)",
                 override=True,
                 config=str(preset),
             )
@@ -245,26 +276,13 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
 DeepSpeedStrategy.register_strategies(StrategyRegistry)
 
 
-def _is_cpu(accelerator: str | Accelerator | None) -> bool:
-    if isinstance(accelerator, Accelerator):
-        return isinstance(accelerator, CPUAccelerator)
-    if accelerator in (None, "auto"):
-        return not torch.cuda.is_available()
-    return str(accelerator).lower() == "cpu"
-
-
-def resolve_strategy(name: str, accelerator: str | Accelerator | None = "auto", **kwargs: Any) -> Strategy:
-    """Map ``"ddp" | "deepspeed_stage_2" | "deepspeed_stage_3"`` to a strategy object for ``accelerator``.
-
-    DeepSpeed names get the preset from ``configs/deepspeed/``: on CPU through :class:`DeepSpeedStrategy`
-    (this module), on GPU through Lightning's stock strategy. ``kwargs`` go to the strategy's constructor.
-    """
+def resolve_strategy(name: str, **kwargs: Any) -> Strategy:
+    """The strategy object ``Trainer(strategy=name)`` builds for ``"ddp" | "deepspeed_stage_2" |
+    "deepspeed_stage_3"``, with ``kwargs`` added to (or replacing) the registered constructor arguments."""
     if name not in STRATEGY_NAMES:
         raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGY_NAMES)}")
-    if name == "ddp":
-        return DDPStrategy(**kwargs)
-    cls = DeepSpeedStrategy if _is_cpu(accelerator) else _LightningDeepSpeedStrategy
-    return cls(config=str(PRESETS[name]), **kwargs)
+    entry = StrategyRegistry[name]
+    return entry["strategy"](**{**entry["init_params"], **kwargs})
 
 
 __all__ = ["PRESETS", "STRATEGY_NAMES", "DeepSpeedStrategy", "resolve_strategy"]

@@ -51,10 +51,15 @@ class TinyRegressor(pl.LightningModule):
         return loss
 
     def on_train_end(self) -> None:
-        # ZeRO-3 replaces each parameter by a local shard (`ds_tensor`) of its `ds_numel` elements.
+        # ZeRO-3 gives each parameter a local shard (`ds_tensor`) of its `ds_numel` elements (padded: a
+        # 1-element bias has a 1-element shard on each rank); outside forward a partitioned parameter is
+        # released (empty `.data`). A persistent one (below the threshold) has a shard too but keeps its full
+        # data.
         params = list(self.parameters())
         if all(hasattr(p, "ds_tensor") for p in params):
-            self.partitioned = sum(p.ds_tensor.numel() for p in params) < sum(p.ds_numel for p in params)
+            released = all(not p.ds_persist and p.data.numel() == 0 for p in params)
+            self.partitioned = released and sum(p.ds_tensor.numel() for p in params) < sum(
+                p.ds_numel for p in params)
 
     def train_dataloader(self) -> DataLoader:
         # Lightning's own distributed sampler shuffles (reseeded per epoch); a fixed split keeps every epoch
@@ -90,7 +95,7 @@ def main() -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
 
-    strategy = resolve_strategy(args.strategy, "cpu")
+    strategy = resolve_strategy(args.strategy)
     if args.strategy == "deepspeed_stage_3":
         # The preset keeps parameters below 1e5 elements unpartitioned (cheap to replicate); every parameter
         # of this MLP is smaller, so force partitioning to exercise ZeRO-3's gather/release path.
@@ -121,9 +126,12 @@ def main() -> None:
         first = sum(model.epoch_losses[0]) / len(model.epoch_losses[0])
         last = sum(model.epoch_losses[-1]) / len(model.epoch_losses[-1])
         ok = math.isfinite(first) and math.isfinite(last)
+        strategy = trainer.strategy
+        stage = strategy.config["zero_optimization"]["stage"] if hasattr(strategy, "config") else None
         print(
             f"FINAL first_loss={first:.8g} loss={last:.8g} finite={ok} steps={trainer.global_step}"
             f" partitioned={model.partitioned}"
+            f" strategy={type(strategy).__module__}.{type(strategy).__name__} stage={stage}"
             f" seconds={time.perf_counter() - start:.1f}",
             flush=True,
         )
