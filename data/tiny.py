@@ -2,9 +2,18 @@
 LLaVA-format JSON splits over small images of coloured shapes.
 
     python -m data.tiny outputs/tiny     # then: python -m trainer fit --config configs/tiny.yaml
+    python -m data.tiny outputs/tiny15 --geometry llava15   # LLaVA-1.5-7B geometry at tiny depth (see below)
 
 The model is random: this exercises the real loading, data and training paths, it does not learn anything
 meaningful. ToyWorld (data/toyworld.py) is the world in which pruning quality is measurable.
+
+`geometry="llava15"` writes a model with the real LLaVA-1.5-7B geometry where it matters and tiny depth where it
+does not: a CLIP ViT-L/336 vision tower (hidden 1024, 16 heads of 64, MLP 4096, 336-pixel images, 14-pixel
+patches: 24 x 24 = 576 tokens) with 2 layers, `vision_feature_layer=-2`, a two-layer GELU projector and a Llama
+language model with head_dim 128 (hidden 512 = 4 heads x 128, GQA with 2 key/value heads by default) and 3 layers,
+over the code-built word-level tokenizer. Its processor is a real `LlavaProcessor` with the image processing
+llava-hf/llava-1.5-7b-hf ships (CLIP: resize the shortest edge to 336, centre crop 336 x 336, CLIP mean/std), or
+the original LLaVA-1.5 pad-to-square one (`image_processing="pad"`).
 """
 
 from __future__ import annotations
@@ -15,8 +24,118 @@ import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from modules.vlm.tiny import tiny_llava, tiny_llava_processor, tiny_tokenizer
+from modules.vlm.tiny import CHAT_TEMPLATE, tiny_llava, tiny_llava_processor, tiny_tokenizer
+
+GEOMETRIES = ("tiny", "llava15")
+IMAGE_PROCESSING = ("crop", "pad")
+
+# LLaVA-1.5-7B's vision tower: CLIP ViT-L/14 at 336 pixels (openai/clip-vit-large-patch14-336).
+LLAVA15_VISION = {
+    "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "image_size": 336,
+    "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+}
+LLAVA15_IMAGE_SIZE = 336
+LLAVA15_PATCH_SIZE = 14
+
+
+def llava15_geometry_config(
+    tokenizer: PreTrainedTokenizerFast,
+    vision_layers: int = 2,
+    text_layers: int = 3,
+    text_heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 128,
+    intermediate_size: int = 1376,
+    vision_feature_layer: int | list[int] = -2,
+    vision_feature_select_strategy: str = "default",
+    attn_implementation: str = "sdpa",
+) -> LlavaConfig:
+    """A LlavaConfig with LLaVA-1.5-7B's vision geometry and head_dim, at tiny depth and width.
+
+    The language model keeps Llama-2/Vicuna's head_dim 128, RMSNorm eps 1e-5 and RoPE theta 1e4; its width is
+    text_heads * head_dim (512 by default), its MLP the 7B's ratio (11008 / 4096) of it. kv_heads < text_heads
+    is GQA; kv_heads == text_heads is plain multi-head attention as in the 7B.
+    """
+    vision = CLIPVisionConfig(num_hidden_layers=vision_layers, **LLAVA15_VISION)
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=text_heads * head_dim, intermediate_size=intermediate_size,
+        num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    grid = (LLAVA15_VISION["image_size"] // LLAVA15_VISION["patch_size"]) ** 2
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,
+        projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False,
+        image_seq_length=grid + (vision_feature_select_strategy == "full"),
+    )
+    cfg.pad_token_id = tokenizer.pad_token_id
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def llava15_geometry_llava(tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, dtype=None,
+                           **config_kwargs) -> LlavaForConditionalGeneration:
+    """A randomly initialised LlavaForConditionalGeneration with LLaVA-1.5-7B geometry (see
+    `llava15_geometry_config`), in eval mode; `dtype` (e.g. torch.bfloat16) casts the whole model."""
+    import torch
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    cfg = llava15_geometry_config(tokenizer, **config_kwargs)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def llava15_image_processor(image_processing: str = "crop"):
+    """LLaVA-1.5's image processing at 336 pixels.
+
+    "crop": what llava-hf/llava-1.5-7b-hf ships (a CLIP image processor: bicubic resize of the shortest edge to
+    336, centre crop 336 x 336, rescale, CLIP mean/std; no padding). "pad": the original LLaVA-1.5 recipe
+    (`LlavaImageProcessor(do_pad=True)`: pad to a centred square in the mean colour, then the same resize).
+    """
+    common = {
+        "size": {"shortest_edge": LLAVA15_IMAGE_SIZE},
+        "crop_size": {"height": LLAVA15_IMAGE_SIZE, "width": LLAVA15_IMAGE_SIZE},
+        "do_resize": True, "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+        "resample": PILImageResampling.BICUBIC, "do_convert_rgb": True,
+    }
+    if image_processing == "crop":
+        return CLIPImageProcessorPil(**common)
+    if image_processing == "pad":
+        return LlavaImageProcessorPil(do_pad=True, **common)
+    raise ValueError(f"image_processing={image_processing!r}: use one of {IMAGE_PROCESSING}")
+
+
+def llava15_processor(tokenizer: PreTrainedTokenizerFast | None = None, image_processing: str = "crop",
+                      vision_feature_select_strategy: str = "default", image_processor=None) -> LlavaProcessor:
+    """A real LlavaProcessor for the LLaVA-1.5 geometry (patch 14, one extra [CLS] token, <image> expanded to 576
+    tokens with the "default" strategy, 577 with "full"); `image_processor` replaces the one named by
+    `image_processing`."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    image_processor = image_processor or llava15_image_processor(image_processing)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=LLAVA15_PATCH_SIZE,
+                          vision_feature_select_strategy=vision_feature_select_strategy,
+                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -39,19 +158,41 @@ def _draw(color: str, shape: str, size: tuple[int, int], rng: random.Random) -> 
     return image
 
 
-def write_tiny_workspace(root: str | Path, n_train: int = 48, n_eval: int = 12, seed: int = 0) -> Path:
-    """Write `model/` (tiny LLaVA + processor), `images/` and `train.json`, `val.json`, `test.json` under root."""
+def write_tiny_workspace(root: str | Path, n_train: int = 48, n_eval: int = 12, seed: int = 0,
+                         geometry: str = "tiny", image_processing: str | None = None,
+                         model_kwargs: dict | None = None) -> Path:
+    """Write `model/` (random LLaVA + processor), `images/` and `train.json`, `val.json`, `test.json` under root.
+
+    geometry: "tiny" (the default: a tiny LLaVA with 32-pixel pad-to-square images) or "llava15" (LLaVA-1.5-7B
+    geometry at tiny depth; images 5x larger, aspect ratios 3:8 to 8:3). image_processing: "crop" (llava-hf's CLIP
+    processing, the default for "llava15") or "pad" (pad to square, the only choice for "tiny").
+    model_kwargs: passed to `llava15_geometry_llava` (e.g. {"kv_heads": 4}).
+    """
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry={geometry!r}: use one of {GEOMETRIES}")
+    if geometry == "tiny" and image_processing not in (None, "pad"):
+        raise ValueError(f"image_processing={image_processing!r}: the tiny geometry pads to square")
+    if model_kwargs and geometry == "tiny":
+        raise ValueError("model_kwargs only apply to geometry='llava15'")
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_tokenizer()
-    tiny_llava(tokenizer, seed=seed).save_pretrained(root / "model")
-    tiny_llava_processor(tokenizer).save_pretrained(root / "model")
+    if geometry == "tiny":
+        tiny_llava(tokenizer, seed=seed).save_pretrained(root / "model")
+        tiny_llava_processor(tokenizer).save_pretrained(root / "model")
+        scale = 1
+    else:
+        kwargs = dict(model_kwargs or {})
+        llava15_geometry_llava(tokenizer, seed=seed, **kwargs).save_pretrained(root / "model")
+        strategy = kwargs.get("vision_feature_select_strategy", "default")
+        llava15_processor(tokenizer, image_processing or "crop", strategy).save_pretrained(root / "model")
+        scale = 5
     rng = random.Random(seed)
     for split, count in (("train", n_train), ("val", n_eval), ("test", n_eval)):
         records = []
         for i in range(count):
             color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
-            size = (rng.randint(24, 64), rng.randint(24, 64))
+            size = (rng.randint(24, 64) * scale, rng.randint(24, 64) * scale)
             name = f"{split}_{i:04d}.png"
             _draw(color, shape, size, rng).save(root / "images" / name)
             question, answer = (("what is the color ?", color) if i % 2 == 0 else ("what is the shape ?", shape))
@@ -65,8 +206,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", nargs="?", default="outputs/tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--geometry", choices=GEOMETRIES, default="tiny")
+    parser.add_argument("--image-processing", choices=IMAGE_PROCESSING, default=None,
+                        help="crop (llava-hf, default for llava15) or pad (pad to square; the tiny geometry's)")
     args = parser.parse_args()
-    print(f"wrote {write_tiny_workspace(args.root, seed=args.seed)}")
+    root = write_tiny_workspace(args.root, seed=args.seed, geometry=args.geometry,
+                                image_processing=args.image_processing)
+    print(f"wrote {root}")
 
 
 if __name__ == "__main__":
