@@ -290,7 +290,8 @@ class DistillPruner(L.LightningModule):
         labels = batch["labels"]
         student = self.pruned(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, vision_tokens=vision_tokens,
                               prompt_end=batch.get("prompt_end"), output_hidden_states=want_hidden, use_cache=False)
-        positions = self.pruned.last_positions  # (B, L_out) original index of each student row
+        pruning = student.pruning
+        positions = pruning.positions  # (B, L_out) original index of each student row
         # row p predicts the label at p + 1; answers are text, so every predicting row survives pruning
         next_labels = F.pad(labels[:, 1:], (0, 1), value=-100).gather(1, positions)
         rows = next_labels != -100
@@ -310,10 +311,10 @@ class DistillPruner(L.LightningModule):
                                                             t_hidden[rows].float())
         if hp.ce_weight > 0:
             loss = loss + hp.ce_weight * F.cross_entropy(s_logits, next_labels[rows])
-        if self.pruned.last_aux_loss is not None:
-            loss = loss + hp.budget_weight * self.pruned.last_aux_loss
+        if pruning.aux_loss is not None:
+            loss = loss + hp.budget_weight * pruning.aux_loss
         if copies > 1:
-            loss = loss + self.policy_loss(row_kl, rows, copies)
+            loss = loss + self.policy_loss(row_kl, rows, copies, pruning.log_prob)
         n_tokens = self.pruned.adapter.num_image_tokens
         n1, n2 = self.pruned.plan.budgets(n_tokens)
         # answers are judged on their first token (the one the prompt alone predicts), agreement on every token;
@@ -330,17 +331,20 @@ class DistillPruner(L.LightningModule):
     def _policy_step(self) -> bool:
         return self.head.config.mode == "policy" and self.head.training and torch.is_grad_enabled()
 
-    def policy_loss(self, row_kl: torch.Tensor, rows: torch.Tensor, copies: int) -> torch.Tensor:
+    @staticmethod
+    def policy_loss(row_kl: torch.Tensor, rows: torch.Tensor, copies: int, log_prob: torch.Tensor) -> torch.Tensor:
         """REINFORCE with a leave-one-out baseline: reward = -KL of a sampled selection (mean over its answer
         rows), advantage = reward - mean reward of the other samples of the same input; returns
-        -mean(advantage * log-probability of the selection). The student's loss terms carry no gradient in this
-        mode (its tokens are hard-selected), so this is what trains the head."""
+        -mean(advantage * log-probability of the selection). A prompt's selection is that of all its images, so
+        its log-probability is the sum of theirs (`log_prob` is per image). The student's loss terms carry no
+        gradient in this mode (its tokens are hard-selected), so this is what trains the head."""
         sample = rows.nonzero()[:, 0]
         per_sample = torch.zeros(rows.shape[0], device=row_kl.device).index_add(0, sample, row_kl.detach())
         reward = -(per_sample / rows.sum(dim=1).clamp(min=1)).view(-1, copies)
         baseline = (reward.sum(dim=1, keepdim=True) - reward) / (copies - 1)
         advantage = (reward - baseline).flatten()
-        return -(advantage * self.pruned.last_log_prob).mean()
+        per_prompt = log_prob.view(rows.shape[0], -1).sum(dim=1)
+        return -(advantage * per_prompt).mean()
 
     def effective_tokens(self, n1: int, n2: int | None) -> float:
         """FLOPs-equivalent visual tokens per layer: (K * n1 + (L - K) * n2) / L."""
@@ -383,15 +387,17 @@ class DistillPruner(L.LightningModule):
             self.log_dict(self.test_metrics, batch_size=batch["input_ids"].shape[0])
 
     def predict_step(self, batch, batch_idx):
-        """Teacher-forced predictions: kept visual tokens and the student's answer tokens per sample."""
+        """Teacher-forced predictions per sample: kept visual tokens ({stage: one index list per image of the
+        prompt}) and the student's answer tokens."""
         if "input_ids" not in batch:
             return []
         out = self.pruned(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, prompt_end=batch.get("prompt_end"),
                           use_cache=False)
-        positions = self.pruned.last_positions
+        positions = out.pruning.positions
         next_labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).gather(1, positions)
         predicted = out.logits.argmax(-1)
-        return [{"kept": {k: v[i].tolist() for k, v in self.pruned.last_kept.items()},
+        rows = predicted.shape[0]
+        return [{"kept": {k: v.view(rows, -1, v.shape[-1])[i].tolist() for k, v in out.pruning.kept.items()},
                  "predicted": predicted[i][next_labels[i] != -100].tolist(),
                  "labels": next_labels[i][next_labels[i] != -100].tolist()}
                 for i in range(predicted.shape[0])]

@@ -172,6 +172,26 @@ class PruningPlan:
 
 
 @dataclass
+class PruningOutput:
+    """What one pruned call decided; forward outputs carry it as `out.pruning` (generate outputs with
+    `return_dict_in_generate=True` too), and `PrunedVLM.last` holds the latest one.
+
+    kept:          {"stage1": (n_images, n1), "stage2": (n_images, n2)} sorted indices into each image's N tokens
+                   ("stage2" only with a stage-2 scorer).
+    positions:     (B, L_out) index of each output row in the unpruned sequence (forward only, else None).
+    stage2_scores: (B, M1) the stage-2 scorer's scores of the tokens that survived stage 1, or None.
+    log_prob:      (n_images,) log-probability of each sampled selection (policy training), or None.
+    aux_loss:      scalar regulariser of a training selection (the soft-mask budget term), or None.
+    """
+
+    kept: dict[str, torch.Tensor]
+    positions: torch.Tensor | None = None
+    stage2_scores: torch.Tensor | None = None
+    log_prob: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
 class _Stage2State:
     spliced: Spliced
     n2: int
@@ -179,6 +199,8 @@ class _Stage2State:
     query_end: torch.Tensor | None = None
     captured: tuple | None = None  # (hidden_states, position_embeddings) at the input of layer K-1
     rows: torch.Tensor | None = None  # (B', L2) surviving rows of the spliced sequence
+    kept: torch.Tensor | None = None  # (n_images, n2) stage-2 selection, indices into each image's N
+    scores: torch.Tensor | None = None  # (B, M1) stage-2 scores
 
 
 class PrunedVLM(nn.Module):
@@ -189,9 +211,9 @@ class PrunedVLM(nn.Module):
     derives which tokens show only padding (pad-to-square processors) and never keeps them while real ones
     remain; centre-cropping processors (llava-hf's default) have none. Logits are returned for the positions that
     survive pruning; text tokens always survive, so the last row is the next-token prediction.
-    `last_kept` holds the kept visual indices of the last call, {"stage1": (n_images, n1), "stage2":
-    (n_images, n2)} indices into each image's N tokens, and `last_positions` (B, L_out) the index of each output
-    row in the unpruned sequence.
+    Each call's decisions come back with its output (`out.pruning`, a `PruningOutput`: kept indices per stage,
+    output-row positions, stage-2 scores, a training selection's log-probability); `last` (and `last_kept`,
+    `last_positions`, ... for convenience) hold the latest call's.
     """
 
     def __init__(self, model: nn.Module, plan: PruningPlan, processor=None):
@@ -214,11 +236,28 @@ class PrunedVLM(nn.Module):
             if impl == "flex_attention":
                 raise ValueError("stage-2 pruning does not support attn_implementation='flex_attention'")
         self.observers: dict[int, list] = {1: [], 2: []}  # calibration: components fed every batch's inputs
-        self.last_kept: dict[str, torch.Tensor] = {}
-        self.last_stage2_scores: torch.Tensor | None = None
-        self.last_aux_loss: torch.Tensor | None = None
-        self.last_log_prob: torch.Tensor | None = None  # policy training: log-probability of each row's selection
-        self.last_positions: torch.Tensor | None = None
+        self.last: PruningOutput | None = None
+
+    # ---- the latest call's decisions, for convenience (each call also returns them) ----------------------
+    @property
+    def last_kept(self) -> dict[str, torch.Tensor]:
+        return {} if self.last is None else self.last.kept
+
+    @property
+    def last_positions(self) -> torch.Tensor | None:
+        return None if self.last is None else self.last.positions
+
+    @property
+    def last_stage2_scores(self) -> torch.Tensor | None:
+        return None if self.last is None else self.last.stage2_scores
+
+    @property
+    def last_log_prob(self) -> torch.Tensor | None:
+        return None if self.last is None else self.last.log_prob
+
+    @property
+    def last_aux_loss(self) -> torch.Tensor | None:
+        return None if self.last is None else self.last.aux_loss
 
     # ---- public API ------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
@@ -229,8 +268,9 @@ class PrunedVLM(nn.Module):
         if self.plan.is_noop or pixel_values is None:
             return self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                               position_ids=position_ids, labels=labels, **kwargs)
-        spliced, n2, per_row = self.prepare(input_ids, pixel_values, attention_mask, position_ids, image_sizes,
-                                            for_generation=False, vision_tokens=vision_tokens, prompt_end=prompt_end)
+        spliced, n2, per_row, selection = self.prepare(input_ids, pixel_values, attention_mask, position_ids,
+                                                       image_sizes, for_generation=False,
+                                                       vision_tokens=vision_tokens, prompt_end=prompt_end)
         mask = spliced.attention_mask
         if spliced.key_bias is not None:  # soft-mask training: visual keys weighted by the head's probabilities
             mask = additive_attention_mask(spliced.attention_mask, spliced.key_bias, spliced.inputs_embeds.dtype)
@@ -241,13 +281,24 @@ class PrunedVLM(nn.Module):
             out = self.model(inputs_embeds=spliced.inputs_embeds, attention_mask=mask,
                              position_ids=spliced.position_ids, **kwargs)
         rows = state.rows if state is not None else None
-        self.last_positions = spliced.positions if rows is None else spliced.positions.gather(1, rows)
+        positions = spliced.positions if rows is None else spliced.positions.gather(1, rows)
+        out.pruning = self._record(selection, state, positions)
         if labels is not None:
             # row p predicts the token at p + 1 of the UNPRUNED sequence, not the next surviving row's token
-            next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).gather(1, self.last_positions)
+            next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).gather(1, positions)
             out.loss = self.model.loss_function(logits=out.logits, labels=None, shift_labels=next_labels,
                                                 vocab_size=self.model.config.get_text_config().vocab_size)
         return out
+
+    def _record(self, selection: TrainSelection, state: _Stage2State | None, positions: torch.Tensor | None
+                ) -> PruningOutput:
+        kept = {"stage1": selection.keep}
+        if state is not None and state.kept is not None:
+            kept["stage2"] = state.kept
+        self.last = PruningOutput(kept=kept, positions=positions,
+                                  stage2_scores=None if state is None else state.scores,
+                                  log_prob=selection.log_prob, aux_loss=selection.aux_loss)
+        return self.last
 
     @torch.no_grad()
     def generate(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
@@ -260,11 +311,12 @@ class PrunedVLM(nn.Module):
                             attention_mask=attention_mask, **kwargs)
         if self.scorer is not None:
             self._check_dynamic_cache(kwargs)
-        spliced, n2, per_row = self.prepare(input_ids, pixel_values, attention_mask, position_ids, image_sizes,
-                                            for_generation=True)
-        with self._stage2(spliced, n2, per_row):
+        spliced, n2, per_row, selection = self.prepare(input_ids, pixel_values, attention_mask, position_ids,
+                                                       image_sizes, for_generation=True)
+        with self._stage2(spliced, n2, per_row) as state:
             out = generate(self.model, inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
                            position_ids=spliced.position_ids, **kwargs)
+        pruning = self._record(selection, state, None)
         # generating from inputs_embeds returns only the new tokens; put the prompt back in front like HF does
         # (once per returned sequence: num_return_sequences / beams give each prompt several rows)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -273,6 +325,7 @@ class PrunedVLM(nn.Module):
         if isinstance(out, torch.Tensor):
             return sequences
         out.sequences = sequences
+        out.pruning = pruning
         return out
 
     def _check_dynamic_cache(self, kwargs: dict) -> None:
@@ -292,8 +345,9 @@ class PrunedVLM(nn.Module):
     # ---- the data path -------------------------------------------------------------------------------------
     def prepare(self, input_ids, pixel_values, attention_mask, position_ids, image_sizes, for_generation: bool,
                 vision_tokens: VisionTokens | None = None, prompt_end: torch.Tensor | None = None
-                ) -> tuple[Spliced, int | None, int]:
-        """Stage 1: encode the images, select n1 tokens per image, splice them into the prompt.
+                ) -> tuple[Spliced, int | None, int, TrainSelection]:
+        """Stage 1: encode the images, select n1 tokens per image, splice them into the prompt; returns the
+        spliced inputs, the stage-2 budget, the images per prompt and the stage-1 selection.
         `prompt_end` (B,): last prompt column when the sequence also holds the answer; question-aware selectors
         read the prompt only."""
         if input_ids is None:
@@ -316,21 +370,18 @@ class PrunedVLM(nn.Module):
         if getattr(self.selector, "reads_prompt", False):
             tokens = self.attach_prompt(tokens, input_ids, attention_mask, prompt_end)
         n1, n2 = self.plan.budgets(tokens.num_tokens)
-        self.last_aux_loss = self.last_log_prob = None
         selection = self.select_stage1(tokens, n1)
         keep1 = selection.keep
         if selection.scale is not None:  # straight-through: value 1, gradient to the head
             scale = torch.ones(tokens.feats.shape[:2], dtype=selection.scale.dtype, device=keep1.device)
             tokens = replace(tokens, feats=tokens.feats * scale.scatter(1, keep1, selection.scale).unsqueeze(-1)
                              .to(tokens.feats.dtype))
-        self.last_aux_loss, self.last_log_prob = selection.aux_loss, selection.log_prob
-        self.last_kept = {"stage1": keep1}
         spliced = self.adapter.splice(input_ids, attention_mask, position_ids, tokens, keep1)
         if selection.key_bias is not None:
             bias = torch.zeros(spliced.attention_mask.shape, dtype=selection.key_bias.dtype, device=keep1.device)
             per_row_bias = selection.key_bias.gather(1, keep1).reshape(bias.shape[0], -1)
             spliced.key_bias = bias.scatter(1, spliced.vision_slots, per_row_bias)
-        return spliced, n2, n_images // input_ids.shape[0]
+        return spliced, n2, n_images // input_ids.shape[0], selection
 
     def encode(self, pixel_values: torch.Tensor, image_sizes=None) -> VisionTokens:
         return self.adapter.encode(pixel_values, image_sizes)
@@ -424,8 +475,8 @@ class PrunedVLM(nn.Module):
             scores = self.scorer.score(ctx)
         keep = topk_per_image(scores, state.n2, sp.vision_valid, state.per_row)  # (B', images * n2) into M1
         kept = sp.vision_index.gather(1, keep) % self.adapter.num_image_tokens
-        self.last_kept["stage2"] = kept[::copies].reshape(-1, state.n2)  # (n_images, n2) into each image's N
-        self.last_stage2_scores = scores[::copies]
+        state.kept = kept[::copies].reshape(-1, state.n2)  # (n_images, n2) into each image's N
+        state.scores = scores[::copies]
         drop = torch.zeros(sp.attention_mask.shape, dtype=torch.bool, device=keep.device)
         drop.scatter_(1, sp.vision_slots, True)
         drop.scatter_(1, sp.vision_slots.gather(1, keep), False)

@@ -425,3 +425,14 @@ def test_model_config_takes_its_processor_explicitly(tiny_workspace, tiny_batch)
     valid = module.pruned.encode(tiny_batch["pixel_values"], tiny_batch["image_sizes"]).valid_or_all()
     assert not bool(valid.all())  # the processor pads to square: non-square images show padding
     assert torch.isfinite(module.shared_step(tiny_batch, module.train_metrics))
+
+
+def test_policy_loss_sums_the_log_probabilities_of_a_prompts_images():
+    """With several images per prompt a sampled selection is that of every image: its log-probability is the sum."""
+    copies, prompts, images = 2, 3, 2
+    rows = torch.ones(prompts * copies, 4, dtype=torch.bool)
+    row_kl = torch.rand(rows.shape[0] * 4)
+    log_prob = torch.randn(prompts * copies * images)
+    summed = log_prob.view(-1, images).sum(dim=1)
+    expected = DistillPruner.policy_loss(row_kl, rows, copies, summed)
+    torch.testing.assert_close(DistillPruner.policy_loss(row_kl, rows, copies, log_prob), expected)

@@ -506,3 +506,21 @@ def test_validity_follows_a_center_crop_processor(sdpa_model, tokenizer, batch):
 def test_image_sizes_without_the_processor_raise(sdpa_model, batch):
     with pytest.raises(ValueError, match=r"processor=processor"):
         PrunedVLM(sdpa_model, PruningPlan(stage1="random", n1=8))(**batch)
+
+
+def test_each_call_returns_its_own_decisions(sdpa_model, batch, processor):
+    """`out.pruning` belongs to the call that made it; `last_*` are the latest call's, for convenience."""
+    pruned = PrunedVLM(sdpa_model, PruningPlan(stage1="fastervlm", n1=8, stage2="fastv", n2=4, layer=2),
+                       processor=processor)
+    with torch.no_grad():
+        first = pruned(**batch)
+        second = pruned(**{**batch, "input_ids": batch["input_ids"].flip(0), "attention_mask":
+                           batch["attention_mask"].flip(0), "pixel_values": batch["pixel_values"].flip(0),
+                           "image_sizes": batch["image_sizes"].flip(0)})
+    assert pruned.last is second.pruning and pruned.last_kept is second.pruning.kept
+    for stage in ("stage1", "stage2"):  # the flipped batch's decisions are the first's, flipped
+        assert torch.equal(second.pruning.kept[stage], first.pruning.kept[stage].flip(0))
+    assert first.pruning.positions.shape == (3, first.logits.shape[1])
+    assert torch.equal(second.pruning.stage2_scores, first.pruning.stage2_scores.flip(0))
+    out = pruned.generate(**batch, **GEN, return_dict_in_generate=True)
+    assert all(torch.equal(out.pruning.kept[s], first.pruning.kept[s]) for s in ("stage1", "stage2"))
