@@ -227,9 +227,6 @@ class PrunerHead(nn.Module, ScoreSelector):
         if cfg.question and adapter.feature_dims["post"] != cfg.prompt_dim:
             raise ValueError(f"question-aware pruner head reads prompt embeddings of dim {cfg.prompt_dim}, this "
                              f"model's language model has dim {adapter.feature_dims['post']}")
-        if cfg.num_tokens is not None and adapter.num_image_tokens != cfg.num_tokens:
-            raise ValueError(f"pruner head was trained for N={cfg.num_tokens} visual tokens per image, the model "
-                             f"has N={adapter.num_image_tokens}")
 
     @classmethod
     def for_model(cls, adapter: VLMAdapter, features: str = "pre", question: bool = False,

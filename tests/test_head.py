@@ -114,9 +114,19 @@ def test_head_for_another_model_fails_clearly(tmp_path, sdpa_model):
     head.config.in_dim, head.config.model_type = 32, "qwen2_5_vl"
     with pytest.raises(ValueError, match="'qwen2_5_vl'.*'llava'"):
         PrunedVLM(sdpa_model, PruningPlan(stage1=head, n1=4))
+
+
+def test_head_serves_any_number_of_tokens(sdpa_model, batch):
+    """The head has no per-position parameters: one trained at N = 576 ranks the N = 16 tokens of another
+    resolution (its N is a record, not a constraint); ratio budgets follow the model's N."""
+    head = small_head(in_dim=32)
     head.config.model_type, head.config.num_tokens = "llava", 576
-    with pytest.raises(ValueError, match="N=576.*N=16"):
-        PrunedVLM(sdpa_model, PruningPlan(stage1=head, n1=4))
+    pruned = PrunedVLM(sdpa_model, PruningPlan(stage1=head, n1=0.25))
+    inputs = {k: v for k, v in batch.items() if k != "image_sizes"}
+    with torch.no_grad():
+        pruned(**inputs)
+        expected = head.logits(pruned.encode(inputs["pixel_values"])).topk(4, dim=1).indices.sort(dim=1).values
+    assert torch.equal(pruned.last_kept["stage1"], expected)
 
 
 def test_bad_checkpoints_fail_clearly(tmp_path):
