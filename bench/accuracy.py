@@ -36,9 +36,9 @@ from data.llava_json import LlavaJsonDataset
 from data.toyworld import PAD_RGB, QUESTION_TYPES, majority_baselines, write_split
 from modules.budget import effective_budget, topk_keep
 from modules.calibrate import calibrate
-from modules.debias import Debiased
 from modules.pruned_vlm import PrunedVLM, PruningPlan
 from modules.scorers import DEFAULT_SCORERS, get_scorer
+from modules.scorers.debiased import Debiased
 from modules.selectors import DEFAULT_SELECTORS, Selector
 from modules.vlm import get_adapter
 from modules.vlm.base import VisionTokens

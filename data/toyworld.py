@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
-from modules.vlm.tiny import tiny_llava_processor, tiny_tokenizer
+from data.tiny import tiny_llava_processor, tiny_tokenizer
 
 IMAGE_SIZE = 96
 PATCH = 12
@@ -304,7 +304,7 @@ def _labels_from_ids(scene: Scene, padded: np.ndarray, grid: int) -> dict[str, t
     else:
         best = np.zeros(n_patch, dtype=np.int64)
         has_obj = np.zeros(n_patch, dtype=bool)
-    # padding when less than half of the patch is canvas, matching modules.debias.pad_to_square_valid_mask
+    # padding when less than half of the patch is canvas, matching modules.vlm.llava.pad_to_square_valid_mask
     is_pad = ~has_obj & (2 * (p * p - counts[:, 0]) < p * p)
     obj_label[has_obj] = best[has_obj] + 1
     obj_label[is_pad] = -1

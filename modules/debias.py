@@ -1,37 +1,15 @@
 """Attention debiasing (Zhao et al., "Attention Debiasing for Token Pruning in Vision Language Models").
 
 Two biases make raw attention a poor importance score: padding tokens act as attention sinks, and attention grows
-with position (recency). This module holds the geometry that tells padding from image content; the score
-wrappers that use it live beside the scorers.
+with position (recency). This module holds the arithmetic (trend fit, debiased scores); the wrappers that use it
+live beside the methods they wrap (`modules.selectors.debiased`, `modules.scorers.debiased`, which also holds the
+`Debiased(inner)` factory) and import it, never the other way round. Which tokens are padding is the model
+adapter's business (`modules.vlm`: it depends on the processor) and arrives as `VisionTokens.valid`.
 """
 
 from __future__ import annotations
 
 import torch
-
-from modules.vlm.base import box_valid_mask
-
-
-def pad_to_square_valid_mask(
-    width: int, height: int, grid: int = 24, image_size: int = 336, threshold: float = 0.5
-) -> torch.Tensor:
-    """Which patches of a pad-to-square image show the image (True) rather than the padding (False).
-
-    The original LLaVA-1.5 preprocessing (and `LlavaImageProcessor(do_pad=True)`): a (width, height) image padded
-    to a centred square of side max(width, height), resized to `image_size`, cut into a `grid` x `grid` patch grid.
-    A patch is padding when more than `threshold` of its area lies outside the original image. Returns a
-    (grid * grid,) bool tensor in row-major order. For other processors the model's adapter derives the mask
-    from the processor actually used (`modules.vlm`).
-    """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got width={width}, height={height}")
-    side = max(width, height)
-    scale = image_size / side
-    # the processor centres the image with integer offsets, in source pixels
-    top = (side - height) // 2 if width > height else 0
-    left = (side - width) // 2 if height > width else 0
-    box = (top * scale, left * scale, (top + height) * scale, (left + width) * scale)
-    return box_valid_mask(box, (grid, grid), (image_size, image_size), threshold)
 
 
 def fit_exponential_trend(scores: torch.Tensor, valid: torch.Tensor | None = None) -> float:
@@ -97,22 +75,3 @@ def fit_trend_per_sample(scores: torch.Tensor, positions: torch.Tensor, valid: t
         except ValueError:
             slopes.append(0.0)
     return torch.tensor(slopes, device=scores.device)
-
-
-def Debiased(inner, padding: bool = True, positional: bool = True, **params):  # noqa: N802 - reads as a type
-    """Wrap an attention-based stage-1 selector or stage-2 scorer with padding and positional debiasing.
-
-    Returns a `DebiasedSelector` for a stage-1 selector with a `score` method, a `DebiasedScorer` for a stage-2
-    `Scorer`.
-    """
-    from modules.scorers.base import Scorer
-    from modules.scorers.debiased import DebiasedScorer
-    from modules.selectors.base import Selector
-    from modules.selectors.debiased import DebiasedSelector
-
-    # any stage-1 method with an attention score qualifies (AgilePruner keeps its own selection through it)
-    if isinstance(inner, Selector) and hasattr(inner, "score"):
-        return DebiasedSelector(inner=inner, padding=padding, positional=positional, **params)
-    if isinstance(inner, Scorer):
-        return DebiasedScorer(inner=inner, padding=padding, positional=positional, **params)
-    raise ValueError(f"Debiased wraps a stage-1 selector with an attention score or a stage-2 Scorer, got {inner!r}")

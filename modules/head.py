@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modules.budget import topk_keep, topk_order
-from modules.selectors.base import SELECTORS, ScoreSelector
+from modules.selectors.base import SELECTORS, ScoreSelector, TrainSelection
 from modules.vlm.base import VisionTokens, VLMAdapter
 
 CONFIG_NAME = "pruner_config.json"
@@ -63,24 +63,6 @@ class PrunerConfig:
         if self.question and not self.prompt_dim:
             raise ValueError("question=True needs prompt_dim (the language model's embedding size); build the head "
                              "with PrunerHead.for_model(adapter, question=True)")
-
-
-@dataclass
-class TrainSelection:
-    """What a trainable selector contributes to a training forward pass.
-
-    keep:      (B, n) kept indices (all N in soft-mask mode).
-    scale:     (B, n) multipliers for the kept features (value 1, gradient to the head), or None.
-    key_bias:  (B, n) additive attention bias for the kept visual keys (log-probabilities), or None.
-    aux_loss:  scalar regulariser (the budget term of soft masks), or None.
-    log_prob:  (B,) log-probability of the sampled selection under the head's policy ("policy" mode), or None.
-    """
-
-    keep: torch.Tensor
-    scale: torch.Tensor | None = None
-    key_bias: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
-    log_prob: torch.Tensor | None = None
 
 
 @SELECTORS.register("learned")
@@ -287,15 +269,6 @@ class PrunerHead(nn.Module, ScoreSelector):
                              "that uses it (plans refer to heads by path)")
         return {"name": "learned", "path": self.source}
 
-    def plan(self):
-        """The PruningPlan this head was trained for (budgets, stage-2 layer and scorer with debias values)."""
-        from modules.pruned_vlm import PruningPlan
-
-        cfg = self.config
-        return PruningPlan(stage1=self, n1=cfg.n1 if cfg.n1 is not None else 0.25, stage2=cfg.stage2,
-                           n2=cfg.n2 if cfg.stage2 is not None else None,
-                           layer=cfg.layer if cfg.stage2 is not None else None)
-
 
 def plackett_luce_log_prob(scores: torch.Tensor, order: torch.Tensor, valid: torch.Tensor | None = None
                            ) -> torch.Tensor:
@@ -320,26 +293,3 @@ def sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:
     angles = positions.float().unsqueeze(-1) * freqs
     enc = torch.cat([angles.sin(), angles.cos()], dim=-1)
     return F.pad(enc, (0, dim - 2 * half))
-
-
-def load_pruned(model: nn.Module, path: str | Path, processor=None):
-    """A `PrunedVLM` serving `model` with a released pruner (a directory or hub id): the head, the plan it was
-    trained for, and the LoRA adapters of the language model when the pruner has `adapter/` (domain fine-tuned
-    pruners). `processor`: the one the inputs are made with (see `PrunedVLM`; needed with `image_sizes`)."""
-    from modules.pruned_vlm import PrunedVLM
-
-    head = PrunerHead.from_pretrained(path)
-    adapter_dir = head.directory / "adapter"  # the downloaded snapshot for a hub id, not the id itself
-    if adapter_dir.is_dir():
-        from peft import LoraConfig, inject_adapter_in_model
-
-        raw = json.loads((adapter_dir / "adapter_config.json").read_text())
-        fields = LoraConfig.__dataclass_fields__
-        config = LoraConfig(**{k: v for k, v in raw.items() if k in fields and fields[k].init})
-        inject_adapter_in_model(config, model)
-        state = load_file(str(adapter_dir / "adapter_model.safetensors"))
-        missing = [k for k in state if k not in dict(model.named_parameters())]
-        if missing:
-            raise ValueError(f"{adapter_dir} holds LoRA weights this model has no place for, e.g. {missing[:3]}")
-        model.load_state_dict(state, strict=False)
-    return PrunedVLM(model, head.plan(), processor=processor)

@@ -25,9 +25,8 @@ from transformers import DynamicCache
 
 from modules.budget import check_budget_spec, resolve_budget, topk_keep
 from modules.config import to_config
-from modules.head import TrainSelection
 from modules.scorers.base import SCORERS, Scorer, Stage2Context
-from modules.selectors.base import SELECTORS, Selector
+from modules.selectors.base import SELECTORS, Selector, TrainSelection
 from modules.vlm import get_adapter
 from modules.vlm.base import Spliced, VisionTokens, VLMAdapter, gather_last
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modules.vlm.tiny import tiny_llava, tiny_llava_processor, tiny_tokenizer
+from data.tiny import tiny_llava, tiny_llava_processor, tiny_tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

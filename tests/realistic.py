@@ -14,8 +14,7 @@ from functools import cache
 import torch
 from PIL import Image
 
-from data.tiny import llava15_geometry_llava, llava15_image_processor, llava15_processor
-from modules.vlm.tiny import tiny_tokenizer
+from data.tiny import llava15_geometry_llava, llava15_image_processor, llava15_processor, tiny_tokenizer
 
 GRID = 24
 N = GRID * GRID  # visual tokens per image ("default" strategy: [CLS] dropped)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from data.tiny import tiny_llava_config
 from data.toyworld import IMAGE_SIZE, PATCH, toyworld_processor, toyworld_tokenizer
 from modules.vlm.base import VisionTokens
-from modules.vlm.tiny import tiny_llava_config
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "accuracy.py"
 

@@ -17,6 +17,7 @@ from data.datamodule import LlavaDataModule
 from modules.distill import DistillPruner
 from modules.head import PrunerHead
 from modules.pruned_vlm import PrunedVLM
+from modules.serve import trained_plan
 from trainer.callbacks import ReportAccuracy
 from trainer.cli import export
 
@@ -46,7 +47,7 @@ def head_prunes(head_dir: Path, workspace: Path) -> None:
 
     inputs = processor(images=make_images()[:2], text=["USER : <image> what is the color ? ASSISTANT :"] * 2,
                        return_tensors="pt", padding=True)
-    pruned = PrunedVLM(model, head.plan())
+    pruned = PrunedVLM(model, trained_plan(head))
     ids = pruned.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert ids.shape == (2, inputs["input_ids"].shape[1] + 2)
     assert pruned.last_kept["stage1"].shape == (2, head.config.n1)

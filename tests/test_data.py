@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 
 from conftest import make_images
 from data import IGNORE_INDEX, LlavaCollator, LlavaDataModule, LlavaJsonDataset
-from modules.vlm.tiny import tiny_llava_processor
+from data.tiny import tiny_llava_processor
 
 N_IMAGE_TOKENS = 16  # tiny processor: 32 px / patch 8 -> 4x4 patches (CLS dropped by the "default" strategy)
 SIZES = {"a.png": (40, 20), "b.png": (20, 30), "c.png": (32, 32)}  # (width, height)

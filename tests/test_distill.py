@@ -237,7 +237,7 @@ def serving_model(workspace):
 
 
 def test_lora_pruner_exports_and_serves_identically(tiny_workspace, tiny_batch, tmp_path):
-    from modules.head import load_pruned
+    from modules.serve import load_pruned
 
     module = export_lora_pruner(tiny_workspace, tiny_batch, tmp_path / "pruner")
     served = load_pruned(serving_model(tiny_workspace), tmp_path / "pruner", processor=module.pruned.adapter.processor)
@@ -253,7 +253,7 @@ def test_lora_pruner_exports_and_serves_identically(tiny_workspace, tiny_batch, 
 def test_load_pruned_from_a_hub_id_applies_its_lora_adapter(tiny_workspace, tiny_batch, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from modules.head import load_pruned
+    from modules.serve import load_pruned
 
     module = export_lora_pruner(tiny_workspace, tiny_batch, tmp_path / "snapshot")
     asked = []
@@ -395,7 +395,7 @@ def test_training_builds_no_kv_cache(tiny_workspace, tiny_batch):
 
 
 def test_processor_decides_which_tokens_are_padding(tiny_workspace, tiny_batch, tmp_path):
-    from modules.vlm.tiny import tiny_llava_processor, tiny_tokenizer
+    from data.tiny import tiny_llava_processor, tiny_tokenizer
 
     tiny_llava_processor(tiny_tokenizer(), pad_to_square=False).save_pretrained(tmp_path / "crop")
     default = make_module(tiny_workspace)  # the workspace's processor pads to square: the model's, by default

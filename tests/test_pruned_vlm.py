@@ -483,7 +483,7 @@ def test_validity_follows_a_pad_to_square_processor(sdpa_model, processor):
 
 def test_validity_follows_a_center_crop_processor(sdpa_model, tokenizer, batch):
     """llava-hf processors resize and centre-crop: every token shows the image, whatever its aspect ratio."""
-    from modules.vlm.tiny import tiny_llava_processor
+    from data.tiny import tiny_llava_processor
 
     crop = tiny_llava_processor(tokenizer, pad_to_square=False)
     assert crop.image_processor.do_center_crop and not crop.image_processor.do_pad

@@ -438,6 +438,7 @@ def test_cli_fit_deepspeed_stage3_on_realistic_workspace(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from modules.head import PrunerHead
+    from modules.serve import trained_plan
     from trainer.cli import export
 
     export(["--ckpt", str(ckpt), "--out", str(tmp_path / "head")])
@@ -446,7 +447,7 @@ def test_cli_fit_deepspeed_stage3_on_realistic_workspace(tmp_path):
     model = LlavaForConditionalGeneration.from_pretrained(workspace / "model").eval()
     processor = AutoProcessor.from_pretrained(workspace / "model")
     batch = R.make_batch(processor)
-    pruned = PrunedVLM(model, head.plan(), processor=processor)
+    pruned = PrunedVLM(model, trained_plan(head), processor=processor)
     with torch.no_grad():
         out = pruned(**batch)
     assert bool(torch.isfinite(out.logits).all())

@@ -11,11 +11,13 @@ import torch
 
 from modules.budget import topk_keep
 from modules.calibrate import calibrate
-from modules.debias import Debiased, debias_scores, fit_exponential_trend, pad_to_square_valid_mask
+from modules.debias import debias_scores, fit_exponential_trend
 from modules.pruned_vlm import PrunedVLM, PruningPlan
 from modules.scorers import DEFAULT_SCORERS, SCORERS, Stage2Context, get_scorer
+from modules.scorers.debiased import Debiased
 from modules.selectors import DEFAULT_SELECTORS, SELECTORS, get_selector
 from modules.vlm import VisionTokens
+from modules.vlm.llava import pad_to_square_valid_mask
 
 
 def selector_id(s) -> str:

@@ -11,8 +11,9 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from data import toyworld as tw
 from modules.budget import resolve_budget, topk_keep
-from modules.head import PrunerHead, load_pruned
+from modules.head import PrunerHead
 from modules.pruned_vlm import PrunedVLM, PruningPlan
+from modules.serve import load_pruned, trained_plan
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = REPO / "checkpoints" / "toyworld-teacher"
@@ -78,7 +79,7 @@ def test_shipped_pruner_loads_and_beats_random_at_its_budget(teacher, test_batch
     assert head.config.question, "the shipped pruner is question-aware"
     pruned = load_pruned(model, PRUNER, processor=processor)
     learned = accuracy(pruned, *test_batch)
-    plan = head.plan()
+    plan = trained_plan(head)
 
     # stage 1 kept the top n1 of the saved head's logits, the head reading the image's tokens and its prompt's
     # text embeddings (built here by hand, not by PrunedVLM)

@@ -28,7 +28,7 @@ from data.toyworld import (
     render,
     sample,
 )
-from modules.debias import pad_to_square_valid_mask
+from modules.vlm.llava import pad_to_square_valid_mask
 
 
 def obj(i, shape, color, size, cx, cy):

@@ -7,7 +7,7 @@ import torch
 
 from data import toyworld as tw
 from data.toyworld_stream import ToyWorldCollator, ToyWorldStream, center_patch, center_patches
-from modules.vlm.toyworld_teacher import SYMBOLIC_FILE, ToyWorldTeacher
+from data.toyworld_teacher import SYMBOLIC_FILE, ToyWorldTeacher
 
 SMALL = {"vision_hidden": 32, "vision_layers": 2, "text_hidden": 32, "text_layers": 2, "heads": 2}
 

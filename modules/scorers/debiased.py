@@ -6,7 +6,8 @@ from typing import Any
 import torch
 
 from modules.scorers.base import SCORERS, Scorer, Stage2Context
-from modules.selectors.debiased import DebiasCore
+from modules.selectors.base import Selector
+from modules.selectors.debiased import DebiasCore, DebiasedSelector
 
 
 @SCORERS.register("debiased")
@@ -34,3 +35,17 @@ class DebiasedScorer(DebiasCore, Scorer):
     def statistic(self, ctx: Stage2Context):
         n_positions = int(ctx.vision_index.max()) + 1
         return self._statistic(self._raw(ctx), ctx.vision_index, ctx.vision_valid, n_positions)
+
+
+def Debiased(inner, padding: bool = True, positional: bool = True, **params):  # noqa: N802 - reads as a type
+    """Wrap an attention-based stage-1 selector or stage-2 scorer with padding and positional debiasing.
+
+    Returns a `DebiasedSelector` for a stage-1 selector with a `score` method, a `DebiasedScorer` for a stage-2
+    `Scorer`.
+    """
+    # any stage-1 method with an attention score qualifies (AgilePruner keeps its own selection through it)
+    if isinstance(inner, Selector) and hasattr(inner, "score"):
+        return DebiasedSelector(inner=inner, padding=padding, positional=positional, **params)
+    if isinstance(inner, Scorer):
+        return DebiasedScorer(inner=inner, padding=padding, positional=positional, **params)
+    raise ValueError(f"Debiased wraps a stage-1 selector with an attention score or a stage-2 Scorer, got {inner!r}")

@@ -12,11 +12,14 @@ from modules.selectors.base import SELECTORS, Calibrated, ScoreSelector, Selecto
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-import modules.head  # noqa: E402,F401 - registers the learned head ("learned")
+# The learned head (modules/head.py) builds on this package, so this package does not import it: the registry
+# imports it when "learned" is first asked for by name.
+SELECTORS.register_lazy("learned", "modules.head")
 
 # Heads need a model's dims and trained weights: they have no default instance and get their own tests.
 DEFAULT_SELECTORS: list[Selector] = [
-    SELECTORS.build(name) for name in SELECTORS.names() if not getattr(SELECTORS.get(name), "needs_weights", False)
+    SELECTORS.build(name) for name in SELECTORS.names(imported_only=True)
+    if not getattr(SELECTORS.get(name), "needs_weights", False)
 ]
 
 __all__ = ["DEFAULT_SELECTORS", "SELECTORS", "Calibrated", "ScoreSelector", "Selector", "get_selector"]

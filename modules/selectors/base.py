@@ -8,6 +8,7 @@ with `@SELECTORS.register("name")` so plans and YAML configs can name it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
@@ -75,6 +76,24 @@ class Calibrated(ABC):
     @abstractmethod
     def fit_calibration(self, observations: list) -> None:
         """Set the calibrated fields from the per-batch statistics."""
+
+
+@dataclass
+class TrainSelection:
+    """What a trainable selector contributes to a training forward pass.
+
+    keep:      (B, n) kept indices (all N in soft-mask mode).
+    scale:     (B, n) multipliers for the kept features (value 1, gradient to the head), or None.
+    key_bias:  (B, n) additive attention bias for the kept visual keys (log-probabilities), or None.
+    aux_loss:  scalar regulariser (the budget term of soft masks), or None.
+    log_prob:  (B,) log-probability of the sampled selection under the head's policy ("policy" mode), or None.
+    """
+
+    keep: torch.Tensor
+    scale: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    log_prob: torch.Tensor | None = None
 
 
 def get_selector(name: str, **params) -> Selector:

@@ -71,6 +71,24 @@ class ImageFit:
         return box, (frame_h, frame_w)
 
 
+def pad_to_square_valid_mask(
+    width: int, height: int, grid: int = 24, image_size: int = 336, threshold: float = 0.5
+) -> torch.Tensor:
+    """Which patches of a pad-to-square image show the image (True) rather than the padding (False).
+
+    The original LLaVA-1.5 preprocessing (and `LlavaImageProcessor(do_pad=True)`): a (width, height) image padded
+    to a centred square of side max(width, height), resized to `image_size`, cut into a `grid` x `grid` patch grid.
+    A patch is padding when more than `threshold` of its area lies outside the original image. Returns a
+    (grid * grid,) bool tensor in row-major order. The adapter derives the mask from the processor actually used
+    (`ImageFit.from_processor`); this is the same geometry for the pad-to-square processor, without one.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got width={width}, height={height}")
+    fit = ImageFit(pad_to_square=True, shortest_edge=None, size=(image_size, image_size), crop=None)
+    box, frame = fit.content_box(height, width)
+    return box_valid_mask(box, (grid, grid), frame, threshold)
+
+
 def _as_dict(size) -> dict:
     if size is None:
         return {}

@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchmetrics import MeanMetric
 
+from data.tiny import tiny_llava_config
 from modules.optim import adamw_warmup_cosine
-from modules.vlm.tiny import tiny_llava_config
 
 STAGES = ("vision", "symbolic", "align", "qa")
 SYMBOLIC_FILE = "symbolic.safetensors"
