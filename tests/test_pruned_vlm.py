@@ -524,3 +524,14 @@ def test_each_call_returns_its_own_decisions(sdpa_model, batch, processor):
     assert torch.equal(second.pruning.stage2_scores, first.pruning.stage2_scores.flip(0))
     out = pruned.generate(**batch, **GEN, return_dict_in_generate=True)
     assert all(torch.equal(out.pruning.kept[s], first.pruning.kept[s]) for s in ("stage1", "stage2"))
+
+
+def test_unsupported_model_type_lists_every_supported_one():
+    from types import SimpleNamespace
+
+    from modules.vlm import ADAPTERS
+
+    model = SimpleNamespace(config=SimpleNamespace(model_type="idefics3"))
+    with pytest.raises(ValueError, match="'idefics3'") as info:
+        get_adapter(model)
+    assert all(repr(t) in str(info.value) for t in ADAPTERS) and ADAPTERS
