@@ -78,3 +78,20 @@ def tiny_batch(tiny_workspace):
     processor = AutoProcessor.from_pretrained(tiny_workspace / "model")
     dataset = LlavaJsonDataset(tiny_workspace / "train.json", tiny_workspace / "images", processor)
     return LlavaCollator(processor)([dataset[i] for i in range(4)])
+
+
+def eager_text_to_vision(attn: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_token_id: int,
+                         query: str) -> list[torch.Tensor]:
+    """Reference FastV scores from eager attention weights (B, H, L, L): per row, the attention of the last token
+    ("last") or the mean over the real text tokens after the last image token ("text") to each image token, mean
+    over heads."""
+    expected = []
+    for b in range(ids.shape[0]):
+        slots = (ids[b] == image_token_id).nonzero()[:, 0]
+        if query == "last":
+            rows = torch.tensor([ids.shape[1] - 1])
+        else:
+            rows = torch.arange(int(slots.max()) + 1, ids.shape[1])
+            rows = rows[mask[b, rows].bool()]
+        expected.append(attn[b][:, rows][:, :, slots].mean(dim=0).mean(dim=0))
+    return expected

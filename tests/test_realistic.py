@@ -21,6 +21,7 @@ import pytest
 import realistic as R
 import torch
 
+from conftest import eager_text_to_vision
 from modules.pruned_vlm import PrunedVLM, PruningPlan
 from modules.scorers import SCORERS, Scorer, Stage2Context
 from modules.selectors.base import ScoreSelector
@@ -277,15 +278,9 @@ def test_stage2_scores_equal_eager_attention(variant, query):
     ids = batch["input_ids"].gather(1, reference.last_positions)
     mask = batch["attention_mask"].gather(1, reference.last_positions)
     assert scores.shape == (2, R.IMAGES_PER_PROMPT * N1)
+    expected = eager_text_to_vision(attn, ids, mask, eager.config.image_token_id, query)
     for b in range(2):
-        slots = (ids[b] == eager.config.image_token_id).nonzero()[:, 0]
-        if query == "last":
-            rows = torch.tensor([ids.shape[1] - 1])
-        else:
-            rows = torch.arange(int(slots.max()) + 1, ids.shape[1])
-            rows = rows[mask[b, rows].bool()]
-        expected = attn[b][:, rows][:, :, slots].mean(dim=0).mean(dim=0)
-        torch.testing.assert_close(scores[b], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(scores[b], expected[b], atol=1e-5, rtol=0)
 
 
 # ---- per-image budgets ------------------------------------------------------------------------------------
