@@ -5,6 +5,12 @@ fragments: subword tokenizers (SentencePiece, BPE) merge across fragment boundar
 not add up, while character offsets of one tokenization of the full text are exact. The processor's image-token
 expansion is then undone by alignment: removing image tokens from both the processor's ids and the plain
 tokenization must leave identical sequences.
+
+Nothing here is model-specific: the chat template renders each image item as the processor's own placeholder
+(LLaVA's `<image>`, Qwen's `<|vision_start|><|image_pad|><|vision_end|>`), the processor expands it (a fixed count
+for LLaVA-1.5, each image's own count for Qwen), and the image token to undo comes from the processor's
+`image_token_id` / `image_token`. Whatever else the processor returns (Qwen: `image_grid_thw`,
+`mm_token_type_ids`) passes through as it made it.
 """
 
 from __future__ import annotations
@@ -45,7 +51,9 @@ class LlavaCollator:
         self.tokenizer.padding_side = "left"
         self.max_length = max_length
         image_token = getattr(processor, "image_token", None) or "<image>"
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
+        self.image_token_id = getattr(processor, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
             raise ValueError(f"image token {image_token!r} is not in the tokenizer's vocabulary")
 
@@ -95,15 +103,37 @@ class LlavaCollator:
     def _process(self, images, texts):
         return self.processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt")
 
+    @staticmethod
+    def _images(item: dict) -> tuple[list, list]:
+        """(images, their original (height, width)) of an item: "images"/"image_sizes" lists, or the one-image
+        "image"/"image_size" form."""
+        if "images" in item:
+            return list(item["images"]), [tuple(s) for s in item["image_sizes"]]
+        return [item["image"]], [tuple(item["image_size"])]
+
+    @staticmethod
+    def _n_images(messages: list[dict]) -> int:
+        return sum(1 for m in messages if isinstance(m["content"], list)
+                   for c in m["content"] if c.get("type") == "image")
+
     def _fit(self, item: dict, enc: _Encoded, n_expanded: int) -> _Encoded | None:
-        """Drop trailing QA pairs until the expanded length fits `max_length`; None when even one pair does not."""
-        extra = n_expanded - len(enc.ids)  # tokens the processor adds by expanding `<image>`
-        messages = item["messages"]
+        """Drop trailing QA pairs (and the images only they show) until the expanded length fits `max_length`;
+        None when even one pair does not."""
+        extra = n_expanded - len(enc.ids)  # tokens the processor adds by expanding every image placeholder
+        messages, images = item["messages"], item["images"]
         n_pairs = len(enc.turn_ends)
+        keeps = [k + 1 for k, m in enumerate(messages) if m["role"] == "assistant"]  # messages up to pair i
         while n_pairs > 0:
-            cut = enc.turn_ends[n_pairs - 1]
-            # Tokens of the prefix: those starting before the prefix ends (+ special tokens, offsets (0, 0)).
-            n = sum(1 for s, e in enc.offsets if s < cut or (s == e == 0)) + extra
+            keep = keeps[n_pairs - 1]
+            n_img = self._n_images(messages[:keep])
+            if n_img == len(images):
+                cut = enc.turn_ends[n_pairs - 1]
+                # Tokens of the prefix: those starting before the prefix ends (+ special tokens, offsets (0, 0)).
+                n = sum(1 for s, e in enc.offsets if s < cut or (s == e == 0)) + extra
+            else:
+                # Images shown only in later turns leave with them; their token counts are the processor's to say.
+                out = self._process(images[:n_img], [self._render(messages[:keep])])
+                n = int(out["attention_mask"].sum())
             if n <= self.max_length:
                 break
             n_pairs -= 1
@@ -111,32 +141,39 @@ class LlavaCollator:
             return None
         if n_pairs == len(enc.turn_ends):
             return enc
-        assistant_seen, keep = 0, len(messages)
-        for k, msg in enumerate(messages):
-            if msg["role"] == "assistant":
-                assistant_seen += 1
-                if assistant_seen == n_pairs:
-                    keep = k + 1
-                    break
+        keep = keeps[n_pairs - 1]
+        n_img = self._n_images(messages[:keep])
         item["messages"] = messages[:keep]
+        item["images"], item["image_sizes"] = images[:n_img], item["image_sizes"][:n_img]
         return self._encode(item["messages"])
 
     def __call__(self, items: list[dict | None]) -> dict:
         """Batch contract (B = kept items, L = padded length):
 
         input_ids (B, L) int64, attention_mask (B, L) int64, both LEFT padded; pixel_values as the processor
-        returns them ((B, 3, H, W) float32 for LLaVA-1.5); image_sizes (B, 2) int64 original (height, width);
-        labels (B, L) int64, -100 except answer tokens and the end-of-turn token after each answer;
-        prompt_end (B,) int64, column of the last token before the first answer token; skipped: int, items
-        dropped in this batch (None from the dataset, or too long). When every item is dropped the batch is only
-        {"skipped": k}: the training loop must skip it.
+        returns them ((n_images, 3, H, W) float32 for LLaVA-1.5; Qwen's flat (sum of t*h*w patches, C*t*p*p)
+        with image_grid_thw (n_images, 3) int64 (t, h, w) in patches, and mm_token_type_ids (B, L) int64, 0 text
+        / 1 image, left padded like input_ids); image_sizes (n_images, 2) int64, each image's original (height,
+        width), images in batch order (row by row, each row's in conversation order); labels (B, L) int64, -100
+        except answer tokens and the end-of-turn token after each answer; prompt_end (B,) int64, column of the
+        last token before the first answer token; skipped: int, items dropped in this batch (None from the
+        dataset, or too long). When every item is dropped the batch is only {"skipped": k}: the training loop
+        must skip it. Any other processor output passes through unchanged.
+
+        Items: {"messages", "images", "image_sizes"} (or one "image" with its "image_size"), as LlavaJsonDataset
+        makes them.
         """
-        kept = [dict(it) for it in items if it is not None]
+        kept = []
+        for it in items:
+            if it is not None:
+                it = dict(it)
+                it["images"], it["image_sizes"] = self._images(it)
+                kept.append(it)
         skipped = len(items) - len(kept)
         encs = [self._encode(it["messages"]) for it in kept]
 
         if kept and self.max_length is not None:
-            out = self._process([it["image"] for it in kept], [e.text for e in encs])
+            out = self._process([im for it in kept for im in it["images"]], [e.text for e in encs])
             lengths = out["attention_mask"].sum(dim=1).tolist()
             fitted_items, fitted_encs, changed = [], [], False
             for it, enc, n in zip(kept, encs, lengths):
@@ -153,7 +190,7 @@ class LlavaCollator:
 
         if not kept:
             return {"skipped": skipped}
-        out = self._process([it["image"] for it in kept], [e.text for e in encs])
+        out = self._process([im for it in kept for im in it["images"]], [e.text for e in encs])
         return self._finish(kept, encs, out, skipped)
 
     def _finish(self, kept: list[dict], encs: list[_Encoded], out, skipped: int) -> dict:
@@ -179,7 +216,8 @@ class LlavaCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "pixel_values": out["pixel_values"],
-            "image_sizes": torch.tensor([list(it["image_size"]) for it in kept], dtype=torch.long),
+            "image_sizes": torch.tensor([list(s) for it in kept for s in it["image_sizes"]],
+                                        dtype=torch.long).view(-1, 2),
             "labels": labels,
             "prompt_end": prompt_end,
             "skipped": skipped,

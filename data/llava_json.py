@@ -4,6 +4,12 @@ Real instruction-tuning dumps contain broken records (missing files, truncated d
 samples). One bad record must not end a multi-hour run, so every problem is a counted skip, never an exception:
 cheap checks run once at construction; decoding the image is deferred to `__getitem__`, which returns None for an
 unreadable file (the collator drops Nones and reports how many in the batch).
+
+A record's `image` is one path or a list of paths (multi-image records, as in LLaVA-NeXT-Interleave /
+LLaVA-OneVision dumps): the i-th `<image>` of the conversation, in reading order, is the i-th image. Each `<image>`
+becomes an `{"type": "image"}` item of the chat message, so the processor's own chat template renders it as its
+image placeholder (`<image>` for LLaVA, `<|vision_start|><|image_pad|><|vision_end|>` for Qwen2-VL / Qwen2.5-VL /
+Qwen3-VL), and the processor expands that to the image's tokens. Video records are not read.
 """
 
 from __future__ import annotations
@@ -49,16 +55,15 @@ def load_records(json_path: str | os.PathLike) -> list:
 
 
 def _user_content(text: str) -> list[dict]:
-    """Split a human turn at its `<image>` so the image item sits where the placeholder was."""
+    """Split a human turn at its `<image>`s so each image item sits where its placeholder was."""
     if IMAGE_PLACEHOLDER not in text:
         return [{"type": "text", "text": text.strip()}]
-    before, after = text.split(IMAGE_PLACEHOLDER, 1)
     content: list[dict] = []
-    if before.strip():
-        content.append({"type": "text", "text": before.strip()})
-    content.append({"type": "image"})
-    if after.strip():
-        content.append({"type": "text", "text": after.strip()})
+    for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i:
+            content.append({"type": "image"})
+        if part.strip():
+            content.append({"type": "text", "text": part.strip()})
     return content
 
 
@@ -74,8 +79,21 @@ def record_to_messages(conversations: list[dict]) -> list[dict]:
     return messages
 
 
-def check_record(record: Any, image_root: str) -> tuple[str | None, str | None]:
-    """(skip kind or None, absolute image path or None). Touches the file system only with `os.path.isfile`."""
+def record_images(record: dict) -> list[str] | None:
+    """The record's image paths (one or a list), or None when `image` is neither a non-empty path nor a non-empty
+    list of them."""
+    image = record.get("image")
+    paths = [image] if isinstance(image, str) else image
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        return None
+    return paths
+
+
+def check_record(record: Any, image_root: str) -> tuple[str | None, list[str] | None]:
+    """(skip kind or None, absolute image paths or None). Touches the file system only with `os.path.isfile`.
+
+    The first human turn must show an image; `<image>` placeholders (human turns only) must match the images one
+    to one: fewer is `no_image_token`, more (or one in an answer) is `extra_image_token`."""
     if not isinstance(record, dict):
         return "malformed", None
     conv = record.get("conversations")
@@ -92,19 +110,24 @@ def check_record(record: Any, image_root: str) -> tuple[str | None, str | None]:
     if "image" not in record:
         # Text-only samples are legitimate in LLaVA mixes; counted apart so they are not mistaken for corruption.
         return "text_only", None
-    if not isinstance(record["image"], str) or not record["image"]:
+    images = record_images(record)
+    if images is None:
         return "malformed", None
     if IMAGE_PLACEHOLDER not in conv[0]["value"]:
         return "no_image_token", None
-    # One image per record: any further placeholder would ask the processor for an image that does not exist.
-    if sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conv) != 1:
+    # A placeholder beyond the images would ask the processor for an image that does not exist; an image without
+    # its placeholder would have no place in the text.
+    placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conv[0::2])
+    if placeholders > len(images) or any(IMAGE_PLACEHOLDER in turn["value"] for turn in conv[1::2]):
         return "extra_image_token", None
+    if placeholders < len(images):
+        return "no_image_token", None
     if any(not turn["value"].strip() for turn in conv[1::2]):
         return "empty_answer", None
-    path = os.path.join(image_root, record["image"])
-    if not os.path.isfile(path):
+    paths = [os.path.join(image_root, p) for p in images]
+    if not all(os.path.isfile(p) for p in paths):
         return "missing_image", None
-    return None, path
+    return None, paths
 
 
 def format_skips(counter: Counter, total: int) -> str:
@@ -118,10 +141,13 @@ def format_skips(counter: Counter, total: int) -> str:
 
 
 class LlavaJsonDataset(Dataset):
-    """Items: {"image": PIL RGB image, "image_size": (height, width), "messages": chat messages, "id": record id}.
+    """Items: {"images": [PIL RGB image, ...], "image_sizes": [(height, width), ...] (original sizes, in the
+    order of the conversation's `<image>`s), "messages": chat messages, "id": record id}; a one-image record also
+    has "image" and "image_size" (that image and its size).
 
-    `max_length` (optional) drops records whose text alone, with `<image>` counted as one token, already exceeds
-    it; the collator's exact check after image-token expansion trims or drops what this lower bound lets through.
+    `max_length` (optional) drops records whose text alone, with each image placeholder unexpanded, already
+    exceeds it; the collator's exact check after image-token expansion trims or drops what this lower bound lets
+    through.
     """
 
     def __init__(self, json_path: str | os.PathLike, image_root: str | os.PathLike, processor=None,
@@ -138,13 +164,13 @@ class LlavaJsonDataset(Dataset):
 
         records = load_records(self.json_path)
         self.total = len(records)
-        self._items: list[tuple[Any, str, list[dict]]] = []
+        self._items: list[tuple[Any, list[str], list[dict]]] = []
         for record in records:
-            kind, path = check_record(record, self.image_root)
+            kind, paths = check_record(record, self.image_root)
             if kind is not None:
                 self.skipped[kind] += 1
                 continue
-            self._items.append((record.get("id"), path, record_to_messages(record["conversations"])))
+            self._items.append((record.get("id"), paths, record_to_messages(record["conversations"])))
         if max_length is not None and processor is not None and self._items:
             self._drop_too_long(max_length)
         # Snapshot for reporting: runtime counts may happen in DataLoader workers, whose counters are lost.
@@ -166,20 +192,25 @@ class LlavaJsonDataset(Dataset):
         return len(self._items)
 
     def __getitem__(self, index: int) -> dict | None:
-        record_id, path, messages = self._items[index]
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            # PIL reports truncated/garbage files through all of these depending on the codec.
-            self.skipped["unreadable_image"] += 1
-            return None
-        return {
+        record_id, paths, messages = self._items[index]
+        images = []
+        for path in paths:
+            try:
+                with Image.open(path) as im:
+                    images.append(im.convert("RGB"))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                # PIL reports truncated/garbage files through all of these depending on the codec.
+                self.skipped["unreadable_image"] += 1
+                return None
+        item = {
             "id": record_id,
-            "image": image,
-            "image_size": (image.height, image.width),
+            "images": images,
+            "image_sizes": [(im.height, im.width) for im in images],
             "messages": messages,
         }
+        if len(images) == 1:
+            item["image"], item["image_size"] = images[0], item["image_sizes"][0]
+        return item
 
     def summary(self) -> str:
         return format_skips(self.skipped, self.total)

@@ -1,6 +1,7 @@
 """Tiny models built in code and a tiny synthetic workspace for smoke-scale training runs.
 
-The builders (`tiny_tokenizer`, `tiny_llava_config`, `tiny_llava`, `tiny_llava_processor`) make random tiny LLaVA
+The builders (`tiny_tokenizer`, `tiny_llava_config`, `tiny_llava`, `tiny_llava_processor`; for Qwen2-VL,
+Qwen2.5-VL and Qwen3-VL `tiny_qwen_tokenizer`, `tiny_qwen_processor(family)`, `tiny_qwen(family)`) make random tiny
 models, word-level tokenizers and real processors with no hub and no network; the tests, ToyWorld and the
 workspace writer use them. The workspace is a random tiny LLaVA saved with its processor, and LLaVA-format JSON
 splits over small images of coloured shapes.
@@ -38,6 +39,16 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
@@ -142,6 +153,174 @@ def tiny_llava_processor(tokenizer: PreTrainedTokenizerFast | None = None, image
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=CHAT_TEMPLATE)
+
+
+# -- tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL ------------------------------------------------------------------------
+# Same idea as the LLaVA builders: a word-level tokenizer with Qwen's special tokens and a Qwen-style chat template,
+# the family's real processor class and a random tiny model, all in code. The processors have no video processor:
+# Qwen's video processors import torchvision, which learnprune does not depend on (images only).
+
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>")
+QWEN_WORDS = DEFAULT_WORDS + ("system", "user", "assistant", "You", "are", "helpful", "compare", "and", "same", ",")
+
+# The structure of the templates Qwen ships, word-level: one `<|vision_start|><|image_pad|><|vision_end|>` per image
+# item (the processor expands `<|image_pad|>` to the image's merged-token count), `<|im_end|>` closes every turn.
+_QWEN_TURNS = (
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+)
+# Qwen2-VL / Qwen2.5-VL: a default system prompt when the conversation has none.
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant .<|im_end|>\n{% endif %}" + _QWEN_TURNS + "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen3-VL (Instruct): no default system prompt.
+QWEN3_CHAT_TEMPLATE = ("{% for message in messages %}" + _QWEN_TURNS + "{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _check_family(family: str) -> None:
+    if family not in QWEN_FAMILIES:
+        raise ValueError(f"family={family!r}: use one of {QWEN_FAMILIES}")
+
+
+def qwen_chat_template(family: str) -> str:
+    _check_family(family)
+    return QWEN3_CHAT_TEMPLATE if family == "qwen3_vl" else QWEN2_CHAT_TEMPLATE
+
+
+def tiny_qwen_tokenizer(words: Sequence[str] = QWEN_WORDS, family: str = "qwen2_5_vl") -> PreTrainedTokenizerFast:
+    """A whitespace/punctuation word-level tokenizer over `words` plus Qwen's special tokens (`<|endoftext|>` pads,
+    `<|im_end|>` ends turns), with `family`'s chat template."""
+    vocab = {tok: i for i, tok in enumerate(QWEN_SPECIAL_TOKENS)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                  pre_tokenizers.Punctuation(behavior="isolated")])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+    )
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[2:])})
+    tok.chat_template = qwen_chat_template(family)
+    return tok
+
+
+class _ImagesOnly:
+    """Accept `video_processor=None` (the stock class check rejects it when torchvision is missing)."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument is None:
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+class TinyQwen2VLProcessor(_ImagesOnly, Qwen2VLProcessor):
+    """Qwen2VLProcessor without a video processor."""
+
+
+class TinyQwen2_5_VLProcessor(_ImagesOnly, Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor without a video processor."""
+
+
+class TinyQwen3VLProcessor(_ImagesOnly, Qwen3VLProcessor):
+    """Qwen3VLProcessor without a video processor."""
+
+
+_QWEN_PROCESSORS = {"qwen2_vl": TinyQwen2VLProcessor, "qwen2_5_vl": TinyQwen2_5_VLProcessor,
+                    "qwen3_vl": TinyQwen3VLProcessor}
+
+
+def qwen_patch_size(family: str) -> int:
+    _check_family(family)
+    return 16 if family == "qwen3_vl" else 14
+
+
+def tiny_qwen_processor(family: str, tokenizer: PreTrainedTokenizerFast | None = None, min_tokens: int = 4,
+                        max_tokens: int = 16):
+    """The family's real processor (Qwen2VLProcessor, Qwen2_5_VLProcessor or Qwen3VLProcessor; images only) over
+    a Qwen2VL image processor with the family's patch size (14, or 16 for Qwen3-VL) and merge size 2.
+
+    `smart_resize` keeps every image between `min_tokens` and `max_tokens` merged tokens (the real processors'
+    min_pixels / max_pixels, divided by (2 * patch)^2), so images of different sizes get different token counts.
+    """
+    patch = qwen_patch_size(family)
+    tokenizer = tokenizer or tiny_qwen_tokenizer(family=family)
+    factor = 2 * patch
+    kwargs = {}
+    if family == "qwen3_vl":
+        kwargs = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": min_tokens * factor ** 2, "longest_edge": max_tokens * factor ** 2}, **kwargs,
+    )
+    return _QWEN_PROCESSORS[family](image_processor=image_processor, tokenizer=tokenizer,
+                                    chat_template=qwen_chat_template(family))
+
+
+def tiny_qwen_config(family: str, tokenizer: PreTrainedTokenizerFast, text_hidden: int = 64, text_layers: int = 4,
+                     heads: int = 4, kv_heads: int = 2, attn_implementation: str = "eager"):
+    """A tiny config of the family: 2-4 vision blocks, Qwen2.5-VL windows of 2x2 merged tokens with blocks 1 and 3
+    full attention, Qwen3-VL DeepStack after vision blocks 0-2 and interleaved M-RoPE."""
+    _check_family(family)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    patch = qwen_patch_size(family)
+    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    head_dim = text_hidden // heads
+    text = dict(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+                num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"))
+    half = head_dim // 2  # mrope_section splits the head_dim / 2 rotary frequencies into (T, H, W)
+    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+    vision = dict(patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, num_heads=4)
+    if family == "qwen2_vl":
+        cfg = Qwen2VLConfig(vision_config=dict(depth=2, embed_dim=32, hidden_size=text_hidden, mlp_ratio=2, **vision),
+                            text_config=dict(**text, rope_parameters=rope), **common)
+    elif family == "qwen2_5_vl":
+        cfg = Qwen2_5_VLConfig(
+            vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, out_hidden_size=text_hidden,
+                               window_size=2 * 2 * patch, fullatt_block_indexes=[1, 3], **vision),
+            text_config=dict(**text, rope_parameters=rope), **common)
+    else:
+        cfg = Qwen3VLConfig(
+            vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, out_hidden_size=text_hidden,
+                               num_position_embeddings=64, deepstack_visual_indexes=[0, 1, 2], **vision),
+            text_config=dict(**text, head_dim=head_dim, rope_parameters={**rope, "mrope_interleaved": True}),
+            **common)
+    cfg.pad_token_id = tokenizer.pad_token_id
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def tiny_qwen(family: str, tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, **config_kwargs):
+    """A randomly initialised Qwen2VL / Qwen2_5_VL / Qwen3VL ForConditionalGeneration (see `tiny_qwen_config`), in
+    eval mode, over `tiny_qwen_tokenizer`'s vocabulary."""
+    import torch
+
+    _check_family(family)
+    tokenizer = tokenizer or tiny_qwen_tokenizer(family=family)
+    cfg = tiny_qwen_config(family, tokenizer, **config_kwargs)
+    cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+           "qwen3_vl": Qwen3VLForConditionalGeneration}[family]
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
 
 
 GEOMETRIES = ("tiny", "llava15")
