@@ -35,7 +35,7 @@ class Registry:
         if name not in self._entries and name in self._lazy:
             importlib.import_module(self._lazy[name])
         if name not in self._entries:
-            raise ValueError(f"unknown {self.kind} {name!r}; registered: {sorted(self._entries)}")
+            raise ValueError(f"unknown {self.kind} {name!r}; registered: {self.names()}")
         return self._entries[name]
 
     def build(self, name: str, **params: Any):
