@@ -331,8 +331,8 @@ LLAVA15_VISION = {
     "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "image_size": 336,
     "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
 }
-LLAVA15_IMAGE_SIZE = 336
-LLAVA15_PATCH_SIZE = 14
+LLAVA15_IMAGE_SIZE = LLAVA15_VISION["image_size"]
+LLAVA15_PATCH_SIZE = LLAVA15_VISION["patch_size"]
 
 
 def llava15_geometry_config(
@@ -360,7 +360,7 @@ def llava15_geometry_config(
         head_dim=head_dim, max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )
-    grid = (LLAVA15_VISION["image_size"] // LLAVA15_VISION["patch_size"]) ** 2
+    grid = (LLAVA15_IMAGE_SIZE // LLAVA15_PATCH_SIZE) ** 2
     cfg = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,

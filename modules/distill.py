@@ -446,20 +446,25 @@ class DistillPruner(L.LightningModule):
         Under DeepSpeed ZeRO-3 each rank holds a shard of every parameter: call this on EVERY rank (it gathers
         the trained weights with collectives, `deepspeed.zero.GatheredParameters`); rank 0 writes the full
         weights, the other ranks write nothing."""
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        with _gathered(trainable):
+        with _gathered(self.trainable_parameters()):
             state = {}
             if self.global_rank == 0:
                 # inside the context the gathered parameters hold their full data; the frozen VLM's are not
                 # needed (and stay partitioned placeholders): keep the head's and the adapters' entries only
                 state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()
-                         if k.startswith(HEAD_PREFIX) or ("lora_" in k and k.startswith("pruned.model."))}
+                         if k.startswith(HEAD_PREFIX) or _is_lora_key(k)}
         if self.global_rank == 0:
             export_pruner(directory, asdict(self.head.config), state,
                           self.lora_config.to_dict() if self.hparams.lora is not None else None)
 
 
 HEAD_PREFIX = "pruned.selector."
+MODEL_PREFIX = "pruned.model."
+
+
+def _is_lora_key(key: str) -> bool:
+    """A training state-dict key of the language model's LoRA adapters."""
+    return key.startswith(MODEL_PREFIX) and "lora_" in key
 
 
 def _gathered(params: list[torch.Tensor]):
@@ -488,8 +493,8 @@ def export_pruner(directory, pruner_config: dict[str, Any], state_dict: dict[str
     head = PrunerHead(PrunerConfig(**pruner_config))
     head.load_state_dict(head_state)
     directory = head.save_pretrained(directory)
-    lora_state = {k[len("pruned.model."):]: v.detach().cpu().contiguous() for k, v in state_dict.items()
-                  if "lora_" in k and k.startswith("pruned.model.")}
+    lora_state = {k[len(MODEL_PREFIX):]: v.detach().cpu().contiguous() for k, v in state_dict.items()
+                  if _is_lora_key(k)}
     if lora_config is not None and lora_state:
         adapter_dir = Path(directory) / "adapter"
         adapter_dir.mkdir(exist_ok=True)

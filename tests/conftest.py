@@ -95,3 +95,11 @@ def eager_text_to_vision(attn: torch.Tensor, ids: torch.Tensor, mask: torch.Tens
             rows = rows[mask[b, rows].bool()]
         expected.append(attn[b][:, rows][:, :, slots].mean(dim=0).mean(dim=0))
     return expected
+
+
+def turns(*pairs: tuple[str, str]) -> list[dict]:
+    """LLaVA JSON `conversations` from (human, gpt) pairs."""
+    out = []
+    for q, a in pairs:
+        out += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return out

@@ -8,19 +8,12 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from conftest import make_images
+from conftest import make_images, turns
 from data import IGNORE_INDEX, LlavaCollator, LlavaDataModule, LlavaJsonDataset
 from data.tiny import tiny_llava_processor
 
 N_IMAGE_TOKENS = 16  # tiny processor: 32 px / patch 8 -> 4x4 patches (CLS dropped by the "default" strategy)
 SIZES = {"a.png": (40, 20), "b.png": (20, 30), "c.png": (32, 32)}  # (width, height)
-
-
-def turns(*pairs):
-    out = []
-    for q, a in pairs:
-        out += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-    return out
 
 
 GOOD = [

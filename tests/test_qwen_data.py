@@ -11,20 +11,13 @@ import json
 import pytest
 import torch
 
-from conftest import make_images
+from conftest import make_images, turns
 from data import IGNORE_INDEX, LlavaCollator, LlavaDataModule, LlavaJsonDataset
 from data.llava_json import record_to_messages
 from data.tiny import QWEN_FAMILIES, tiny_qwen, tiny_qwen_processor, tiny_qwen_tokenizer
 
 SIZES = {"a.png": (100, 60), "b.png": (64, 130), "c.png": (90, 90), "d.png": (120, 50)}  # (width, height)
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-
-
-def turns(*pairs):
-    out = []
-    for q, a in pairs:
-        out += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-    return out
 
 
 GOOD = [

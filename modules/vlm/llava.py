@@ -82,8 +82,6 @@ def pad_to_square_valid_mask(
     (grid * grid,) bool tensor in row-major order. The adapter derives the mask from the processor actually used
     (`ImageFit.from_processor`); this is the same geometry for the pad-to-square processor, without one.
     """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got width={width}, height={height}")
     fit = ImageFit(pad_to_square=True, shortest_edge=None, size=(image_size, image_size), crop=None)
     box, frame = fit.content_box(height, width)
     return box_valid_mask(box, (grid, grid), frame, threshold)
@@ -186,10 +184,10 @@ class LlavaAdapter(VLMAdapter):
         if len(sizes) != n_img:
             raise ValueError(f"image_sizes has {len(sizes)} entries for {n_img} images")
         grid = (self.patch_grid, self.patch_grid)
+        image_size = self.config.vision_config.image_size
         masks = []
         for h, w in sizes:
             box, frame = self.image_fit.content_box(int(h), int(w))
-            image_size = self.config.vision_config.image_size
             if frame != (image_size, image_size):
                 raise ValueError(f"the processor turns a {int(h)}x{int(w)} image into {frame[0]}x{frame[1]} pixels, the "
                                  f"vision tower takes {image_size}x{image_size}: processor and model do not match")
