@@ -247,7 +247,7 @@ class Condition:
 
 def own(component):
     """A fresh copy of a default instance: each condition owns its components, so calibrating one condition (which
-    fits the wrapper and the method it wraps, e.g. AgilePruner's erank_avg) never changes another condition, nor the
+    fits the wrapper and the method it wraps, e.g. AgilePruner's erank_scale) never changes another condition, nor the
     shared DEFAULT_SELECTORS / DEFAULT_SCORERS."""
     return copy.deepcopy(component)
 
@@ -315,7 +315,8 @@ def oracle_conditions() -> list[Condition]:
 
 def calibrate_conditions(model, conditions: list[Condition], train_batches: list[dict], processor=None) -> dict:
     """Fit each debiased component on training batches (never the test split) made by `processor`; returns the
-    fitted slopes. A condition's calibration changes its own components only (see `own`)."""
+    fitted trend rates (per relative position i / N, i.e. N times a per-token slope). A condition's calibration
+    changes its own components only (see `own`)."""
     fitted = {}
     for condition in conditions:
         for component, calibration_plan in condition.needs_calibration:
@@ -323,7 +324,7 @@ def calibrate_conditions(model, conditions: list[Condition], train_batches: list
                 # while calibrating, the wrapper still selects with per-sample fits and warns that it does
                 warnings.filterwarnings("ignore", message=".*is not calibrated.*")
                 calibrate(model, calibration_plan(), train_batches, processor=processor)
-            fitted[condition.name] = component.b
+            fitted[condition.name] = component.rate
     return fitted
 
 

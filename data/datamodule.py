@@ -90,9 +90,10 @@ class LlavaDataModule(LightningDataModule):
             if not self.processor_path:
                 raise ValueError("LlavaDataModule has no processor: pass `processor` (a path or hub id) "
                                  "or call set_processor(...) before setup")
-            from transformers import AutoProcessor
+            # AutoProcessor, or a Qwen-VL processor images-only (its video processor needs torchvision)
+            from data.processors import load_processor
 
-            self._processor = AutoProcessor.from_pretrained(self.processor_path)
+            self._processor = load_processor(self.processor_path)
         return self._processor
 
     # -- datasets ----------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ splits over small images of coloured shapes.
 
     python -m data.tiny outputs/tiny     # then: python -m trainer fit --config configs/tiny.yaml
     python -m data.tiny outputs/tiny15 --geometry llava15   # LLaVA-1.5-7B geometry at tiny depth (see below)
+    python -m data.tiny outputs/tiny_qwen25vl --family qwen2_5_vl  # then: configs/tiny_qwen25vl.yaml
+    python -m data.tiny outputs/tiny_qwen3vl --family qwen3_vl     # then: configs/tiny_qwen3vl.yaml
 
 The model is random: this exercises the real loading, data and training paths, it does not learn anything
 meaningful. ToyWorld (data/toyworld.py) is the world in which pruning quality is measurable.
@@ -218,7 +220,13 @@ def tiny_qwen_tokenizer(words: Sequence[str] = QWEN_WORDS, family: str = "qwen2_
 
 
 class _ImagesOnly:
-    """Accept `video_processor=None` (the stock class check rejects it when torchvision is missing)."""
+    """Accept `video_processor=None` (the stock class check rejects it when torchvision is missing), and leave the
+    video processor out of `save_pretrained` / `from_pretrained` (`data.processors.load_processor` loads a saved
+    one; `AutoProcessor` does not know these classes)."""
+
+    @classmethod
+    def get_attributes(cls):
+        return [name for name in super().get_attributes() if name != "video_processor"]
 
     def check_argument_for_proper_class(self, argument_name, argument):
         if argument is None:
@@ -445,8 +453,12 @@ def _draw(color: str, shape: str, size: tuple[int, int], rng: random.Random) -> 
 
 def write_tiny_workspace(root: str | Path, n_train: int = 48, n_eval: int = 12, seed: int = 0,
                          geometry: str = "tiny", image_processing: str | None = None,
-                         model_kwargs: dict | None = None) -> Path:
+                         model_kwargs: dict | None = None, family: str = "llava") -> Path:
     """Write `model/` (random LLaVA + processor), `images/` and `train.json`, `val.json`, `test.json` under root.
+
+    family: "llava" (the default) or one of QWEN_FAMILIES: `model/` then holds a random `tiny_qwen(family)` with
+    its images-only processor (`tiny_qwen_processor`; load it with `data.processors.load_processor`, which
+    DistillPruner and LlavaDataModule use) and the same splits and images (the tiny geometry only).
 
     geometry: "tiny" (the default: a tiny LLaVA with 32-pixel pad-to-square images) or "llava15" (LLaVA-1.5-7B
     geometry at tiny depth; images 5x larger, aspect ratios 3:8 to 8:3). image_processing: "crop" (llava-hf's CLIP
@@ -459,10 +471,18 @@ def write_tiny_workspace(root: str | Path, n_train: int = 48, n_eval: int = 12, 
         raise ValueError(f"image_processing={image_processing!r}: the tiny geometry pads to square")
     if model_kwargs and geometry == "tiny":
         raise ValueError("model_kwargs only apply to geometry='llava15'")
+    if family != "llava":
+        _check_family(family)
+        if geometry != "tiny" or image_processing is not None:
+            raise ValueError(f"family={family!r} takes the tiny geometry with its own image processing")
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
-    tokenizer = tiny_tokenizer()
-    if geometry == "tiny":
+    tokenizer = tiny_tokenizer() if family == "llava" else tiny_qwen_tokenizer(family=family)
+    if family != "llava":
+        tiny_qwen(family, tokenizer, seed=seed).save_pretrained(root / "model")
+        tiny_qwen_processor(family, tokenizer).save_pretrained(root / "model")
+        scale = 1
+    elif geometry == "tiny":
         tiny_llava(tokenizer, seed=seed).save_pretrained(root / "model")
         tiny_llava_processor(tokenizer).save_pretrained(root / "model")
         scale = 1
@@ -494,9 +514,11 @@ def main() -> None:
     parser.add_argument("--geometry", choices=GEOMETRIES, default="tiny")
     parser.add_argument("--image-processing", choices=IMAGE_PROCESSING, default=None,
                         help="crop (llava-hf, default for llava15) or pad (pad to square; the tiny geometry's)")
+    parser.add_argument("--family", choices=("llava", *QWEN_FAMILIES), default="llava",
+                        help="the tiny model: LLaVA (default) or a tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL")
     args = parser.parse_args()
     root = write_tiny_workspace(args.root, seed=args.seed, geometry=args.geometry,
-                                image_processing=args.image_processing)
+                                image_processing=args.image_processing, family=args.family)
     print(f"wrote {root}")
 
 

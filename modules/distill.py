@@ -24,10 +24,11 @@ from modules.config import to_config
 from modules.head import PrunerConfig, PrunerHead
 from modules.metrics import distill_metrics
 from modules.optim import adamw_warmup_cosine
-from modules.pruned_vlm import PrunedVLM, PruningPlan
+from modules.pruned_vlm import PrunedVLM, PruningPlan, labels_at
 from modules.vlm import get_adapter
 
-MODEL_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_sizes")
+MODEL_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_sizes", "image_grid_thw", "mm_token_type_ids",
+                "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 DEFAULT_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
 
@@ -51,20 +52,24 @@ def load_vlm(model: str | None, model_config: dict | None, attn_implementation: 
     return AutoModelForImageTextToText.from_config(cfg, dtype=torch_dtype)
 
 
-PER_IMAGE = ("pixel_values", "image_sizes")  # batch entries with one row per image, not per prompt
+PER_IMAGE = ("pixel_values", "image_sizes", "image_grid_thw")  # batch entries with one row per image, not per prompt
 
 
 def replicate_batch(batch: dict[str, Any], copies: int) -> tuple[dict[str, Any], torch.Tensor]:
     """Each prompt `copies` times in a row (prompt b -> rows b*copies ... b*copies + copies-1), its images with it;
     and the image row each new image row comes from."""
     prompts = batch["input_ids"].shape[0]
-    per_prompt = batch["pixel_values"].shape[0] // prompts
+    grids = batch.get("image_grid_thw")
+    n_images = batch["pixel_values"].shape[0] if grids is None else grids.shape[0]
+    per_prompt = n_images // prompts
     prompt_rows = torch.arange(prompts, device=batch["input_ids"].device).repeat_interleave(copies)
     image_rows = (prompt_rows.unsqueeze(1) * per_prompt + torch.arange(per_prompt, device=prompt_rows.device)
                   ).flatten()
     out = {}
     for key, value in batch.items():
-        if torch.is_tensor(value) and value.dim() > 0:
+        if key == "pixel_values" and grids is not None:
+            pass  # Qwen's flat patches are not indexed per image; the encoded tokens passed along replace them
+        elif torch.is_tensor(value) and value.dim() > 0:
             value = value[image_rows if key in PER_IMAGE else prompt_rows]
         out[key] = value
     return out, image_rows
@@ -189,9 +194,10 @@ class DistillPruner(L.LightningModule):
         """The processor named by `processor` (default: `model`), or None with neither (a `model_config` run)."""
         if self.hparams.processor is None:
             return None
-        from transformers import AutoProcessor
+        # AutoProcessor, except Qwen-VL processors without their (torchvision) video processor: data/processors.py
+        from data.processors import load_processor
 
-        return AutoProcessor.from_pretrained(self.hparams.processor)
+        return load_processor(self.hparams.processor)
 
     def train(self, mode: bool = True) -> DistillPruner:
         """Train mode for the head and the LoRA adapters only: the frozen VLM stays in eval mode (no dropout).
@@ -247,7 +253,9 @@ class DistillPruner(L.LightningModule):
 
     # ---- the losses ------------------------------------------------------------------------------------------
     def _teacher(self, batch: dict[str, torch.Tensor], want_hidden: bool):
-        inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask")}
+        # Qwen-VL also needs image_grid_thw (patch grid per image) and mm_token_type_ids (M-RoPE positions)
+        inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "image_grid_thw",
+                                        "mm_token_type_ids") if k in batch}
         with torch.no_grad(), self._adapters_disabled():
             return self.vlm(**inputs, output_hidden_states=want_hidden, use_cache=False)
 
@@ -282,7 +290,8 @@ class DistillPruner(L.LightningModule):
         copies = hp.policy_samples if self._policy_step() else 1
         vision_tokens = None
         if copies > 1:  # several sampled selections per input; the teacher and the vision tower run once
-            vision_tokens = self.pruned.encode(batch["pixel_values"], batch.get("image_sizes"))
+            vision, _ = self.pruned.split_vision(batch)
+            vision_tokens = self.pruned.encode(**vision)
             batch, image_rows = replicate_batch(batch, copies)
             vision_tokens = vision_tokens.index(image_rows)
             t_logits_all = t_logits_all.repeat_interleave(copies, dim=0)
@@ -293,12 +302,12 @@ class DistillPruner(L.LightningModule):
         pruning = student.pruning
         positions = pruning.positions  # (B, L_out) original index of each student row
         # row p predicts the label at p + 1; answers are text, so every predicting row survives pruning
-        next_labels = F.pad(labels[:, 1:], (0, 1), value=-100).gather(1, positions)
+        next_labels = labels_at(labels, positions)
         rows = next_labels != -100
         if not bool(rows.any()):
             raise ValueError("a batch has no answer tokens (labels are all -100)")
         s_logits = student.logits[rows].float()
-        t_logits = t_logits_all.gather(1, positions.unsqueeze(-1).expand(-1, -1, t_logits_all.shape[-1]))
+        t_logits = t_logits_all.gather(1, positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, t_logits_all.shape[-1]))
         t_logits = t_logits[rows].float()
         temp = hp.kl_temperature
         row_kl = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1), log_target=True,
@@ -306,7 +315,8 @@ class DistillPruner(L.LightningModule):
         kl = row_kl.mean()
         loss = kl
         if hp.hidden_mse_weight > 0:
-            t_hidden = t_hidden_all.gather(1, positions.unsqueeze(-1).expand(-1, -1, t_hidden_all.shape[-1]))
+            t_hidden = t_hidden_all.gather(1, positions.clamp(min=0).unsqueeze(-1)
+                                           .expand(-1, -1, t_hidden_all.shape[-1]))
             loss = loss + hp.hidden_mse_weight * F.mse_loss(student.hidden_states[-1][rows].float(),
                                                             t_hidden[rows].float())
         if hp.ce_weight > 0:
@@ -315,8 +325,6 @@ class DistillPruner(L.LightningModule):
             loss = loss + hp.budget_weight * pruning.aux_loss
         if copies > 1:
             loss = loss + self.policy_loss(row_kl, rows, copies, pruning.log_prob)
-        n_tokens = self.pruned.adapter.num_image_tokens
-        n1, n2 = self.pruned.plan.budgets(n_tokens)
         # answers are judged on their first token (the one the prompt alone predicts), agreement on every token;
         # calling (not .update) keeps the batch value too, so the metrics log per step as well as per epoch
         first = rows & (rows.cumsum(dim=1) == 1)
@@ -325,7 +333,7 @@ class DistillPruner(L.LightningModule):
         metrics["accuracy"](s_logits[first_in_rows].argmax(-1), next_labels[first])
         metrics["teacher_accuracy"](t_logits[first_in_rows].argmax(-1), next_labels[first])
         metrics["kl"](kl.detach())
-        metrics["kept_ratio"](torch.tensor(self.effective_tokens(n1, n2) / n_tokens))
+        metrics["kept_ratio"](torch.tensor(self.kept_ratio(pruning)))
         return loss
 
     def _policy_step(self) -> bool:
@@ -345,6 +353,13 @@ class DistillPruner(L.LightningModule):
         advantage = (reward - baseline).flatten()
         per_prompt = log_prob.view(rows.shape[0], -1).sum(dim=1)
         return -(advantage * per_prompt).mean()
+
+    def kept_ratio(self, pruning) -> float:
+        """Mean over the batch's visual items of their FLOPs-equivalent kept tokens / N_i."""
+        n1s, n2s = pruning.budgets["stage1"], pruning.budgets.get("stage2")
+        ratios = [self.effective_tokens(n1, None if n2s is None else n2s[i]) / n
+                  for i, (n1, n) in enumerate(zip(n1s, pruning.num_tokens, strict=True))]
+        return sum(ratios) / len(ratios)
 
     def effective_tokens(self, n1: int, n2: int | None) -> float:
         """FLOPs-equivalent visual tokens per layer: (K * n1 + (L - K) * n2) / L."""
@@ -393,14 +408,21 @@ class DistillPruner(L.LightningModule):
             return []
         out = self.pruned(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, prompt_end=batch.get("prompt_end"),
                           use_cache=False)
-        positions = out.pruning.positions
-        next_labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).gather(1, positions)
+        next_labels = labels_at(batch["labels"], out.pruning.positions)
         predicted = out.logits.argmax(-1)
-        rows = predicted.shape[0]
-        return [{"kept": {k: v.view(rows, -1, v.shape[-1])[i].tolist() for k, v in out.pruning.kept.items()},
+        item_rows = self.item_rows(batch)
+        return [{"kept": {k: [v[j].tolist() for j in range(len(v)) if item_rows[j] == i]
+                          for k, v in out.pruning.kept.items()},
                  "predicted": predicted[i][next_labels[i] != -100].tolist(),
                  "labels": next_labels[i][next_labels[i] != -100].tolist()}
                 for i in range(predicted.shape[0])]
+
+    def item_rows(self, batch: dict) -> list[int]:
+        """The row (prompt) of every visual item of a batch."""
+        vision, _ = self.pruned.split_vision(batch)
+        layout = self.pruned.adapter.visual_items(vision)
+        spans = self.pruned.adapter.visual_spans(batch["input_ids"], [t for t, _ in layout], [n for _, n in layout])
+        return [row for row, _ in spans]
 
     @torch.no_grad()
     def evaluate(self, loader, max_batches: int | None = None) -> dict[str, float]:

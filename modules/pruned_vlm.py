@@ -28,7 +28,15 @@ from modules.config import to_config
 from modules.scorers.base import SCORERS, Scorer, Stage2Context
 from modules.selectors.base import SELECTORS, Selector, TrainSelection
 from modules.vlm import get_adapter
-from modules.vlm.base import Spliced, VisionTokens, VLMAdapter, gather_last
+from modules.vlm.base import (
+    EncodedImages,
+    KeptItem,
+    Spliced,
+    VisionTokens,
+    VLMAdapter,
+    gather_last,
+    left_align,
+)
 
 
 def _resolve(spec, registry, base: type, what: str):
@@ -54,6 +62,8 @@ class PruningPlan:
         instance. None disables the stage; `PruningPlan()` is the unpruned model.
     n1 / n2: kept visual tokens per image, an int count or a float ratio of N. n2 <= n1.
     layer: decoder layer K at whose input stage 2 prunes (scores come from layer K-1); default L // 2.
+    video: "clip" (default): a video is one item, its budget counts the whole clip's tokens and a selector ranks
+        them all together (frames compete); "frame": each frame (temporal patch) is an item with its own budget.
     """
 
     stage1: Any = None
@@ -61,6 +71,7 @@ class PruningPlan:
     stage2: Any = None
     n2: int | float | None = None
     layer: int | None = None
+    video: str = "clip"
     selector: Selector | None = field(init=False, repr=False, default=None)
     scorer: Scorer | None = field(init=False, repr=False, default=None)
 
@@ -79,6 +90,8 @@ class PruningPlan:
             raise ValueError(f"n1={self.n1} is set but stage1 is not")
         if self.scorer is None and (self.n2 is not None or self.layer is not None):
             raise ValueError(f"n2={self.n2} / layer={self.layer} are set but stage2 is not")
+        if self.video not in ("clip", "frame"):
+            raise ValueError(f"video={self.video!r}: use 'clip' (one budget per video) or 'frame' (per frame)")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise ValueError(f"layer must be an int, got {self.layer!r}")
         if type(self.n1) is type(self.n2) and self.n1 is not None and self.n2 > self.n1:
@@ -107,11 +120,12 @@ class PruningPlan:
             "stage2": None if self.scorer is None else to_config(self.scorer),
             "n2": self.n2,
             "layer": self.layer,
+            "video": self.video,
         }
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> PruningPlan:
-        unknown = set(config) - {"stage1", "n1", "stage2", "n2", "layer"}
+        unknown = set(config) - {"stage1", "n1", "stage2", "n2", "layer", "video"}
         if unknown:
             raise ValueError(f"unknown PruningPlan keys {sorted(unknown)}")
         return cls(**config)
@@ -154,7 +168,7 @@ class PruningPlan:
         saved = {name: vars(model)[name] for name in ("forward", "generate") if name in vars(model)}
 
         def forward(*args, **kwargs):
-            if kwargs.get("pixel_values") is None:  # text-only steps (decoding, our own calls) run unchanged
+            if not pruned.adapter.has_vision(kwargs):  # text-only steps (decoding, our own calls) run unchanged
                 return original_forward(*args, **kwargs)
             return pruned.forward(*args, **kwargs)
 
@@ -175,17 +189,53 @@ class PruningOutput:
     """What one pruned call decided; forward outputs carry it as `out.pruning` (generate outputs with
     `return_dict_in_generate=True` too), and `PrunedVLM.last` holds the latest one.
 
-    kept:          {"stage1": (n_images, n1), "stage2": (n_images, n2)} sorted indices into each image's N tokens
-                   ("stage2" only with a stage-2 scorer).
-    positions:     (B, L_out) index of each output row in the unpruned sequence (forward only, else None).
+    kept:          {"stage1": ..., "stage2": ...} the kept tokens of every visual item (image, clip), as sorted
+                   indices into that item's own N_i tokens: an (n_items, n) tensor when every item keeps the same
+                   count, else a list of 1-D tensors ("stage2" only with a stage-2 scorer).
+    num_tokens:    N_i of every item; budgets: {"stage1": [n1_i], "stage2": [n2_i]} the counts kept per item.
+    positions:     (B, L_out) index of each output row in the unpruned sequence, -1 for filler rows (left padding
+                   added when rows keep different counts) (forward only, else None).
     stage2_scores: (B, M1) the stage-2 scorer's scores of the tokens that survived stage 1, or None.
-    log_prob:      (n_images,) log-probability of each sampled selection (policy training), or None.
+    log_prob:      (n_items,) log-probability of each sampled selection (policy training), or None.
     aux_loss:      scalar regulariser of a training selection (the soft-mask budget term), or None.
     """
 
-    kept: dict[str, torch.Tensor]
+    kept: dict[str, torch.Tensor | list[torch.Tensor]]
+    num_tokens: list[int] = field(default_factory=list)
+    budgets: dict[str, list[int]] = field(default_factory=dict)
     positions: torch.Tensor | None = None
     stage2_scores: torch.Tensor | None = None
+    log_prob: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def stack_if_equal(parts: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """(n, k) when every part has k entries, else the list itself."""
+    if parts and all(p.shape == parts[0].shape for p in parts):
+        return torch.stack(parts)
+    return list(parts)
+
+
+def model_vision_inputs(vision: dict) -> dict:
+    """The visual inputs to hand the unpruned model: all but `image_sizes`, which tells learnprune the original
+    image sizes (padding validity) and means something else to some models (LLaVA's anyres path)."""
+    return {k: v for k, v in vision.items() if k != "image_sizes"}
+
+
+def labels_at(labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The label each output row predicts: row p predicts the token at p + 1 of the UNPRUNED sequence (not the
+    next surviving row's token); filler rows (position -1) predict nothing (-100)."""
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    return shifted.gather(1, positions.clamp(min=0)).masked_fill(positions < 0, -100)
+
+
+@dataclass
+class Stage1:
+    """Stage 1's decision for every item of a call (see `TrainSelection` for the training fields)."""
+
+    keep: list[torch.Tensor]
+    scale: list[torch.Tensor | None]
+    key_bias: list[torch.Tensor | None]
     log_prob: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
 
@@ -193,25 +243,28 @@ class PruningOutput:
 @dataclass
 class _Stage2State:
     spliced: Spliced
-    n2: int
-    per_row: int  # images per prompt
+    budget: torch.Tensor  # (B, images) n2 of each item of each row
     query_end: torch.Tensor | None = None
     captured: tuple | None = None  # (hidden_states, position_embeddings) at the input of layer K-1
     rows: torch.Tensor | None = None  # (B', L2) surviving rows of the spliced sequence
-    kept: torch.Tensor | None = None  # (n_images, n2) stage-2 selection, indices into each image's N
+    filler: torch.Tensor | None = None  # (B', L2) rows that are left padding (None: every row keeps as many)
+    kept: list[torch.Tensor] | None = None  # per item, stage-2 selection as indices into its N_i
     scores: torch.Tensor | None = None  # (B, M1) stage-2 scores
 
 
 class PrunedVLM(nn.Module):
     """A transformers VLM that prunes visual tokens according to a `PruningPlan`.
 
-    Takes the same inputs as the wrapped model (processor output), plus optional `image_sizes` (n_images, 2) =
-    the original (height, width) of each image: with `processor` (the one that made `pixel_values`) the adapter
-    derives which tokens show only padding (pad-to-square processors) and never keeps them while real ones
-    remain; centre-cropping processors (llava-hf's default) have none. Logits are returned for the positions that
-    survive pruning; text tokens always survive, so the last row is the next-token prediction.
-    Each call's decisions come back with its output (`out.pruning`, a `PruningOutput`: kept indices per stage,
-    output-row positions, stage-2 scores, a training selection's log-probability); `last` (and `last_kept`,
+    Takes the same inputs as the wrapped model (processor output: `pixel_values`, and for Qwen2-VL/2.5-VL/3-VL
+    `image_grid_thw`, `mm_token_type_ids`, `pixel_values_videos`, `video_grid_thw`, ...), plus optional
+    `image_sizes` (n_images, 2) = the original (height, width) of each image for LLaVA: with `processor` (the one
+    that made `pixel_values`) the adapter derives which tokens show only padding (pad-to-square processors) and
+    never keeps them while real ones remain. Every visual item (image, or video clip / frame) has its own N_i
+    tokens; budgets are per item (a ratio r keeps round(r * N_i), at least 1; a count is capped at N_i).
+    Logits are returned for the positions that survive pruning; text tokens always survive, so the last row is
+    the next-token prediction. When items of different rows keep different counts, shorter rows are left-padded
+    ("filler" rows, `out.pruning.positions` -1).
+    Each call's decisions come back with its output (`out.pruning`, a `PruningOutput`); `last` (and `last_kept`,
     `last_positions`, ... for convenience) hold the latest call's.
     """
 
@@ -220,6 +273,7 @@ class PrunedVLM(nn.Module):
         self.model = model
         self.plan = plan
         self.adapter: VLMAdapter = get_adapter(model, processor)
+        self.adapter.video_unit = plan.video
         self.selector = plan.selector  # registered as a submodule when it is one (learned heads)
         self.scorer = plan.scorer
         if hasattr(self.selector, "check_compatible"):
@@ -231,6 +285,7 @@ class PrunedVLM(nn.Module):
             if not 1 <= self.layer <= n_layers - 1:
                 raise ValueError(f"layer={self.layer} is outside [1, {n_layers - 1}] for a language model with "
                                  f"{n_layers} layers (stage 2 scores with layer K-1 and prunes from layer K)")
+            self.adapter.check_stage2_layer(self.layer)
             impl = getattr(model.config.get_text_config(), "_attn_implementation", None)
             if impl == "flex_attention":
                 raise ValueError("stage-2 pruning does not support attn_implementation='flex_attention'")
@@ -239,7 +294,7 @@ class PrunedVLM(nn.Module):
 
     # ---- the latest call's decisions, for convenience (each call also returns them) ----------------------
     @property
-    def last_kept(self) -> dict[str, torch.Tensor]:
+    def last_kept(self) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         return {} if self.last is None else self.last.kept
 
     @property
@@ -259,63 +314,70 @@ class PrunedVLM(nn.Module):
         return None if self.last is None else self.last.aux_loss
 
     # ---- public API ------------------------------------------------------------------------------------------
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                image_sizes=None, labels=None, prompt_end=None, vision_tokens: VisionTokens | None = None, **kwargs):
+    def split_vision(self, kwargs: dict) -> tuple[dict, dict]:
+        """(the visual inputs the adapter consumes, the rest) of a call's keyword arguments."""
+        vision = {k: kwargs[k] for k in self.adapter.vision_inputs if k in kwargs}
+        rest = {k: v for k, v in kwargs.items() if k not in self.adapter.vision_inputs}
+        return vision, rest
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, prompt_end=None,
+                vision_tokens: EncodedImages | None = None, **kwargs):
         """`prompt_end` (B,): index of the last prompt token when the sequence also holds the answer (training),
-        so stage 2 scores from the prompt alone. `vision_tokens`: the encoder's output for `pixel_values`, when
-        the caller already has it (training several selections of one image encodes it once)."""
-        if self.plan.is_noop or pixel_values is None:
-            return self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                              position_ids=position_ids, labels=labels, **kwargs)
-        spliced, n2, per_row, selection = self.prepare(input_ids, pixel_values, attention_mask, position_ids,
-                                                       image_sizes, for_generation=False,
-                                                       vision_tokens=vision_tokens, prompt_end=prompt_end)
+        so stage 2 scores from the prompt alone. `vision_tokens`: the encoder's output (`encode`) for the call's
+        visual inputs, when the caller already has it (training several selections of one image encodes once)."""
+        vision, rest = self.split_vision(kwargs)
+        if self.plan.is_noop or not self.adapter.has_vision(vision):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              labels=labels, **rest, **model_vision_inputs(vision))
+        spliced, stage1, budgets = self.prepare(input_ids, attention_mask, position_ids, vision,
+                                                for_generation=False, encoded=vision_tokens, prompt_end=prompt_end)
         mask = spliced.attention_mask
         if spliced.key_bias is not None:  # soft-mask training: visual keys weighted by the head's probabilities
             mask = additive_attention_mask(spliced.attention_mask, spliced.key_bias, spliced.inputs_embeds.dtype)
         query_end = None
         if prompt_end is not None:
-            query_end = (spliced.positions <= prompt_end.view(-1, 1)).sum(dim=1) - 1
-        with self._stage2(spliced, n2, per_row, query_end) as state:
+            real = spliced.positions >= 0
+            query_end = ((spliced.positions <= prompt_end.view(-1, 1)) & real).sum(dim=1) - 1
+            query_end = query_end + (~real).sum(dim=1)
+        with self._stage2(spliced, budgets, query_end) as state:
             out = self.model(inputs_embeds=spliced.inputs_embeds, attention_mask=mask,
-                             position_ids=spliced.position_ids, **kwargs)
-        rows = state.rows if state is not None else None
-        positions = spliced.positions if rows is None else spliced.positions.gather(1, rows)
-        out.pruning = self._record(selection, state, positions)
+                             position_ids=spliced.position_ids, **rest)
+        positions = spliced.positions if state is None else _rows_positions(spliced.positions, state)
+        out.pruning = self._record(stage1, state, budgets, positions)
         if labels is not None:
-            # row p predicts the token at p + 1 of the UNPRUNED sequence, not the next surviving row's token
-            next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).gather(1, positions)
-            out.loss = self.model.loss_function(logits=out.logits, labels=None, shift_labels=next_labels,
+            out.loss = self.model.loss_function(logits=out.logits, labels=None,
+                                                shift_labels=labels_at(labels, positions),
                                                 vocab_size=self.model.config.get_text_config().vocab_size)
         return out
 
-    def _record(self, selection: TrainSelection, state: _Stage2State | None, positions: torch.Tensor | None
-                ) -> PruningOutput:
-        kept = {"stage1": selection.keep}
+    def _record(self, stage1: Stage1, state: _Stage2State | None, budgets: dict[str, list[int]],
+                positions: torch.Tensor | None) -> PruningOutput:
+        kept = {"stage1": stack_if_equal(stage1.keep)}
         if state is not None and state.kept is not None:
-            kept["stage2"] = state.kept
-        self.last = PruningOutput(kept=kept, positions=positions,
-                                  stage2_scores=None if state is None else state.scores,
-                                  log_prob=selection.log_prob, aux_loss=selection.aux_loss)
+            kept["stage2"] = stack_if_equal(state.kept)
+        self.last = PruningOutput(kept=kept, num_tokens=budgets["num_tokens"],
+                                  budgets={k: v for k, v in budgets.items() if k != "num_tokens"},
+                                  positions=positions, stage2_scores=None if state is None else state.scores,
+                                  log_prob=stage1.log_prob, aux_loss=stage1.aux_loss)
         return self.last
 
     @torch.no_grad()
-    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                 image_sizes=None, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs) -> torch.Tensor:
         """Like `model.generate`: (B, L + new) token ids with the prompt first (or a generate output whose
         `sequences` are, with `return_dict_in_generate=True`)."""
         generate = type(self.model).generate
-        if self.plan.is_noop or pixel_values is None:
-            return generate(self.model, input_ids=input_ids, pixel_values=pixel_values,
-                            attention_mask=attention_mask, **kwargs)
+        vision, rest = self.split_vision(kwargs)
+        if self.plan.is_noop or not self.adapter.has_vision(vision):
+            return generate(self.model, input_ids=input_ids, attention_mask=attention_mask, **rest,
+                            **model_vision_inputs(vision))
         if self.scorer is not None:
-            self._check_dynamic_cache(kwargs)
-        spliced, n2, per_row, selection = self.prepare(input_ids, pixel_values, attention_mask, position_ids,
-                                                       image_sizes, for_generation=True)
-        with self._stage2(spliced, n2, per_row) as state:
+            self._check_dynamic_cache(rest)
+        spliced, stage1, budgets = self.prepare(input_ids, attention_mask, position_ids, vision,
+                                                for_generation=True)
+        with self._stage2(spliced, budgets) as state:
             out = generate(self.model, inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
-                           position_ids=spliced.position_ids, **kwargs)
-        pruning = self._record(selection, state, None)
+                           position_ids=spliced.position_ids, **rest)
+        pruning = self._record(stage1, state, budgets, None)
         # generating from inputs_embeds returns only the new tokens; put the prompt back in front like HF does
         # (once per returned sequence: num_return_sequences / beams give each prompt several rows)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -342,11 +404,11 @@ class PrunedVLM(nn.Module):
             )
 
     # ---- the data path -------------------------------------------------------------------------------------
-    def prepare(self, input_ids, pixel_values, attention_mask, position_ids, image_sizes, for_generation: bool,
-                vision_tokens: VisionTokens | None = None, prompt_end: torch.Tensor | None = None
-                ) -> tuple[Spliced, int | None, int, TrainSelection]:
-        """Stage 1: encode the images, select n1 tokens per image, splice them into the prompt; returns the
-        spliced inputs, the stage-2 budget, the images per prompt and the stage-1 selection.
+    def prepare(self, input_ids, attention_mask, position_ids, vision: dict, for_generation: bool,
+                encoded: EncodedImages | None = None, prompt_end: torch.Tensor | None = None
+                ) -> tuple[Spliced, Stage1, dict[str, list[int]]]:
+        """Stage 1: encode the visual items, select n1_i tokens of each, splice them into the prompt; returns the
+        spliced inputs, the stage-1 selection and the per-item budgets {"num_tokens", "stage1", "stage2"}.
         `prompt_end` (B,): last prompt column when the sequence also holds the answer; question-aware selectors
         read the prompt only."""
         if input_ids is None:
@@ -356,49 +418,84 @@ class PrunedVLM(nn.Module):
         if self.scorer is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("the batch is right-padded; stage 2 scores from the last prompt token, so tokenize "
                              "with padding_side='left'")
-        n_images = pixel_values.shape[0]
-        self.adapter.image_positions(input_ids, n_images)  # count checks before the vision tower runs
+        layout = self.adapter.visual_items(vision)
+        self.adapter.visual_spans(input_ids, [t for t, _ in layout], [n for _, n in layout])  # fail before the tower
         if position_ids is None:
-            position_ids = self.adapter.default_position_ids(input_ids, attention_mask, for_generation)
-        if vision_tokens is None:
-            tokens = self.encode(pixel_values, image_sizes)
-        elif vision_tokens.batch_size != n_images:
-            raise ValueError(f"vision_tokens hold {vision_tokens.batch_size} images, pixel_values {n_images}")
-        else:
-            tokens = vision_tokens
+            position_ids = self.adapter.default_position_ids(input_ids, attention_mask, for_generation, vision)
+        if encoded is None:
+            encoded = self.encode(**vision)
+        elif encoded.lengths != [n for _, n in layout]:
+            raise ValueError(f"vision_tokens hold items of {encoded.lengths} tokens, the inputs describe "
+                             f"{[n for _, n in layout]}")
         if getattr(self.selector, "reads_prompt", False):
-            tokens = self.attach_prompt(tokens, input_ids, attention_mask, prompt_end)
-        n1, n2 = self.plan.budgets(tokens.num_tokens)
-        selection = self.select_stage1(tokens, n1)
-        keep1 = selection.keep
-        if selection.scale is not None:  # straight-through: value 1, gradient to the head
-            scale = torch.ones(tokens.feats.shape[:2], dtype=selection.scale.dtype, device=keep1.device)
-            tokens = replace(tokens, feats=tokens.feats * scale.scatter(1, keep1, selection.scale).unsqueeze(-1)
-                             .to(tokens.feats.dtype))
-        spliced = self.adapter.splice(input_ids, attention_mask, position_ids, tokens, keep1)
-        if selection.key_bias is not None:
-            bias = torch.zeros(spliced.attention_mask.shape, dtype=selection.key_bias.dtype, device=keep1.device)
-            per_row_bias = selection.key_bias.gather(1, keep1).reshape(bias.shape[0], -1)
-            spliced.key_bias = bias.scatter(1, spliced.vision_slots, per_row_bias)
-        return spliced, n2, n_images // input_ids.shape[0], selection
+            encoded = self.attach_prompt(encoded, input_ids, attention_mask, prompt_end)
+        budgets = self.item_budgets(encoded.lengths)
+        stage1 = self.select_stage1(encoded, budgets["stage1"])
+        kept = self.kept_items(encoded, stage1)
+        spliced = self.adapter.splice(input_ids, attention_mask, position_ids, kept)
+        if any(b is not None for b in stage1.key_bias):
+            per_token = [bias[keep] for bias, keep in zip(stage1.key_bias, stage1.keep, strict=True)]
+            bias = torch.zeros(spliced.attention_mask.shape, dtype=per_token[0].dtype, device=input_ids.device)
+            rows, columns = (spliced.vision_item >= 0).nonzero(as_tuple=True)
+            bias[rows, spliced.vision_slots[rows, columns]] = _by_column(per_token, spliced)
+            spliced.key_bias = bias
+        return spliced, stage1, budgets
 
-    def encode(self, pixel_values: torch.Tensor, image_sizes=None) -> VisionTokens:
-        return self.adapter.encode(pixel_values, image_sizes)
+    def item_budgets(self, lengths: list[int]) -> dict[str, list[int]]:
+        """{"num_tokens": N_i, "stage1": n1_i, "stage2": n2_i (without stage 2: absent)} per item."""
+        pairs = [self.plan.budgets(n) for n in lengths]
+        out = {"num_tokens": list(lengths), "stage1": [n1 for n1, _ in pairs]}
+        if self.scorer is not None:
+            out["stage2"] = [n2 for _, n2 in pairs]
+        return out
 
-    def attach_prompt(self, tokens: VisionTokens, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      prompt_end: torch.Tensor | None = None) -> VisionTokens:
-        """Give each image the input embeddings of its prompt's text tokens (for question-aware selectors): the
+    def encode(self, pixel_values=None, image_sizes=None, **vision) -> EncodedImages:
+        """Run the vision side once: the call's visual inputs (as given to the model) -> `EncodedImages`
+        (`.tokens` is the single `VisionTokens` of a batch whose items share one geometry)."""
+        return self.adapter.encode_images({"pixel_values": pixel_values, "image_sizes": image_sizes, **vision})
+
+    def attach_prompt(self, encoded: EncodedImages, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      prompt_end: torch.Tensor | None = None) -> EncodedImages:
+        """Give each item the input embeddings of its prompt's text tokens (for question-aware selectors): the
         tokens up to `prompt_end` (B,) when given, so that a training sequence's answer is never read."""
-        per_row = tokens.batch_size // input_ids.shape[0]
-        text = attention_mask.bool() & (input_ids != self.adapter.image_token_id)
+        spans = self.adapter.visual_spans(input_ids, encoded.token_ids, encoded.lengths)
+        item_rows = torch.tensor([row for row, _ in spans], device=input_ids.device)
+        visual = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token_id in set(encoded.token_ids):
+            visual |= input_ids == token_id
+        text = attention_mask.bool() & ~visual
         if prompt_end is not None:
             columns = torch.arange(input_ids.shape[1], device=input_ids.device)
             text = text & (columns.unsqueeze(0) <= prompt_end.to(input_ids.device).view(-1, 1))
         embeds = self.adapter.embed_tokens(input_ids).detach()
-        return replace(tokens, prompt=embeds.repeat_interleave(per_row, dim=0),
-                       prompt_mask=text.repeat_interleave(per_row, dim=0))
+        groups = [replace(group, prompt=embeds[item_rows[members]], prompt_mask=text[item_rows[members]])
+                  for group, members in zip(encoded.groups, encoded.members, strict=True)]
+        return replace(encoded, groups=groups)
 
-    def select_stage1(self, tokens: VisionTokens, n1: int) -> TrainSelection:
+    def select_stage1(self, encoded: EncodedImages, n1: list[int]) -> Stage1:
+        """Each geometry group's selection, per item."""
+        count = encoded.num_items
+        stage1 = Stage1(keep=[None] * count, scale=[None] * count, key_bias=[None] * count)
+        log_probs, aux = {}, []
+        for tokens, members in zip(encoded.groups, encoded.members, strict=True):
+            selection = self._select_group(tokens, n1[int(members[0])])
+            for row, item in enumerate(members.tolist()):
+                stage1.keep[item] = selection.keep[row]
+                if selection.scale is not None:
+                    stage1.scale[item] = selection.scale[row]
+                if selection.key_bias is not None:
+                    stage1.key_bias[item] = selection.key_bias[row]
+                if selection.log_prob is not None:
+                    log_probs[item] = selection.log_prob[row]
+            if selection.aux_loss is not None:
+                aux.append((selection.aux_loss, tokens.batch_size))
+        if log_probs:
+            stage1.log_prob = torch.stack([log_probs[i] for i in range(count)])
+        if aux:
+            stage1.aux_loss = sum(loss * size for loss, size in aux) / sum(size for _, size in aux)
+        return stage1
+
+    def _select_group(self, tokens: VisionTokens, n1: int) -> TrainSelection:
         for observer in self.observers[1]:
             observer.observe(tokens)
         if self.selector is None:
@@ -409,18 +506,47 @@ class PrunedVLM(nn.Module):
             return trainable(tokens, n1)
         return TrainSelection(keep=self.selector.select(tokens, n1))
 
+    @staticmethod
+    def kept_items(encoded: EncodedImages, stage1: Stage1) -> list[KeptItem]:
+        """The kept tokens of every item with their features (straight-through scaled when training)."""
+        items: list[KeptItem | None] = [None] * encoded.num_items
+        for tokens, members in zip(encoded.groups, encoded.members, strict=True):
+            valid = tokens.valid_or_all()
+            grid = tokens.grid if tokens.grid is not None else (1, tokens.num_tokens)
+            for row, item in enumerate(members.tolist()):
+                keep = stage1.keep[item]
+                feats = tokens.feats[row, keep]
+                if stage1.scale[item] is not None:  # straight-through: value 1, gradient to the head
+                    feats = feats * stage1.scale[item].unsqueeze(-1).to(feats.dtype)
+                items[item] = KeptItem(index=keep, feats=feats, valid=valid[row, keep], num_tokens=tokens.num_tokens,
+                                       grid=grid, token_id=encoded.token_ids[item],
+                                       extras={k: v[row, keep] for k, v in tokens.extras.items()})
+        return items
+
     # ---- stage 2 ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _stage2(self, spliced: Spliced, n2: int | None, per_row: int, query_end: torch.Tensor | None = None
+    def _stage2(self, spliced: Spliced, budgets: dict[str, list[int]], query_end: torch.Tensor | None = None
                 ) -> Iterator[_Stage2State | None]:
+        extra = self.adapter.language_kwargs(spliced)
+        handles = []
+        if extra:
+            handles.append(self.adapter.language_model().register_forward_pre_hook(
+                _inject_prefill(extra, spliced.inputs_embeds.shape[1]), with_kwargs=True))
         if self.scorer is None:
-            yield None
+            try:
+                yield None
+            finally:
+                for h in handles:
+                    h.remove()
             return
-        state = _Stage2State(spliced=spliced, n2=n2, per_row=per_row, query_end=query_end)
+        n2 = torch.tensor(budgets["stage2"], dtype=torch.long)
+        budget = torch.zeros(spliced.attention_mask.shape[0], int(spliced.item_image.max()) + 1, dtype=torch.long)
+        budget[spliced.item_row.cpu(), spliced.item_image.cpu()] = n2
+        state = _Stage2State(spliced=spliced, budget=budget.to(spliced.vision_slots.device), query_end=query_end)
         layers = self.adapter.language_layers()
         k = self.layer
-        handles = [layers[k - 1].register_forward_pre_hook(self._capture_hook(state), with_kwargs=True)]
-        handles += [layers[i].register_forward_pre_hook(self._prune_hook(state, i == k), with_kwargs=True)
+        handles.append(layers[k - 1].register_forward_pre_hook(self._capture_hook(state), with_kwargs=True))
+        handles += [layers[i].register_forward_pre_hook(self._prune_hook(state, i), with_kwargs=True)
                     for i in range(k, len(layers))]
         try:
             yield state
@@ -437,59 +563,99 @@ class PrunedVLM(nn.Module):
 
         return hook
 
-    def _prune_hook(self, state: _Stage2State, first: bool):
+    def _prune_hook(self, state: _Stage2State, layer_idx: int):
+        first = layer_idx == self.layer
+
         def hook(module, args, kwargs):
             full_len = state.spliced.inputs_embeds.shape[1]
             if first and state.rows is None:
-                state.rows = self._stage2_rows(state)
+                state.rows, state.filler = self._stage2_rows(state)
                 args, kwargs = _replace_hidden(args, kwargs, lambda h: gather_last(h, state.rows))
             if state.rows is None:
                 return None
-            return args, self.adapter.select_layer_rows(kwargs, state.rows, full_len)
+            return args, self.adapter.select_layer_rows(kwargs, state.rows, full_len, state.filler, layer_idx)
 
         return hook
 
-    def _stage2_rows(self, state: _Stage2State) -> torch.Tensor:
-        """Score the visual tokens with layer K-1's attention, keep n2 per image; (B', L2) surviving rows."""
+    def _stage2_rows(self, state: _Stage2State) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Score the visual tokens with layer K-1's attention, keep n2_i of each item; ((B', L2) surviving rows
+        of the spliced sequence, (B', L2) filler rows or None)."""
         if state.captured is None:
             raise RuntimeError("stage 2 found no layer K-1 input to score with; was the decoder run as usual?")
         hidden, cos_sin = state.captured
         state.captured = None
-        sp, query_end = state.spliced, state.query_end
+        sp, query_end, budget = state.spliced, state.query_end, state.budget
         copies = hidden.shape[0] // sp.attention_mask.shape[0]
         if copies > 1:  # beam search / num_return_sequences: generate() repeated each prompt after our splice
             sp = repeat_rows(sp, copies)
             query_end = None if query_end is None else query_end.repeat_interleave(copies)
+            budget = budget.repeat_interleave(copies, dim=0)
 
         def logits_fn(query_index: torch.Tensor) -> torch.Tensor:
             return self.adapter.attention_logits(self.layer - 1, hidden, cos_sin, query_index)
 
         ctx = Stage2Context(logits_fn=logits_fn, attention_mask=sp.attention_mask, vision_slots=sp.vision_slots,
                             vision_index=sp.vision_index, vision_valid=sp.vision_valid,
-                            vision_hidden=gather_last(hidden, sp.vision_slots), budget=state.n2,
-                            images=state.per_row, query_end=query_end)
+                            vision_hidden=gather_last(hidden, sp.vision_slots), budget=budget,
+                            vision_image=sp.vision_image, vision_grid=sp.vision_grid, query_end=query_end)
         with torch.no_grad():
             for observer in self.observers[2]:
                 observer.observe(ctx)
             scores = self.scorer.score(ctx)
-        keep = topk_per_image(scores, state.n2, sp.vision_valid, state.per_row)  # (B', images * n2) into M1
-        kept = sp.vision_index.gather(1, keep) % self.adapter.num_image_tokens
-        state.kept = kept[::copies].reshape(-1, state.n2)  # (n_images, n2) into each image's N
+        keep = topk_per_image(scores, ctx)  # (B', M1) bool: the kept columns
+        kept: list[torch.Tensor | None] = [None] * sp.item_row.shape[0]
+        for item in range(len(kept)):
+            row = int(sp.item_row[item]) * copies
+            columns = keep[row] & (sp.vision_item[row] == item)
+            kept[item] = sp.vision_index[row][columns].sort().values
+        state.kept = kept
         state.scores = scores[::copies]
-        drop = torch.zeros(sp.attention_mask.shape, dtype=torch.bool, device=keep.device)
-        drop.scatter_(1, sp.vision_slots, True)
-        drop.scatter_(1, sp.vision_slots.gather(1, keep), False)
-        return (~drop).nonzero()[:, 1].view(drop.shape[0], -1)
+        survive = sp.positions >= 0  # stage 1's filler rows go; stage 2 pads anew if rows still differ
+        rows, columns = (sp.vision_item >= 0).nonzero(as_tuple=True)
+        survive[rows, sp.vision_slots[rows, columns]] = False
+        rows, columns = keep.nonzero(as_tuple=True)
+        survive[rows, sp.vision_slots[rows, columns]] = True
+        source, _ = left_align(survive)
+        filler = source < 0
+        return source.clamp(min=0), (filler if bool(filler.any()) else None)
 
 
-def topk_per_image(scores: torch.Tensor, n: int, valid: torch.Tensor, images: int) -> torch.Tensor:
-    """Top-n per image of (B, M) scores whose M columns are `images` equal consecutive blocks, one per image:
-    (B, images * n) column indices, ascending (one image cannot take another's budget)."""
-    bsz, m = scores.shape
-    block = m // images
-    keep = topk_keep(scores.reshape(bsz * images, block), n, valid.reshape(bsz * images, block))
-    offsets = (torch.arange(images, device=keep.device) * block).repeat_interleave(n)
-    return keep.reshape(bsz, images * n) + offsets
+def _rows_positions(positions: torch.Tensor, state: _Stage2State) -> torch.Tensor:
+    """Original positions of the rows after stage 2 (-1 for filler rows of either stage)."""
+    out = positions.gather(1, state.rows)
+    return out if state.filler is None else out.masked_fill(state.filler, -1)
+
+
+def _by_column(values: list[torch.Tensor], spliced: Spliced) -> torch.Tensor:
+    """Per-item per-kept-token values laid out in the spliced visual columns' order (row-major, filled only)."""
+    out = []
+    for row in range(spliced.vision_item.shape[0]):
+        items = spliced.vision_item[row]
+        for item in items[items >= 0].unique_consecutive().tolist():
+            out.append(values[item])
+    return torch.cat(out)
+
+
+def _inject_prefill(extra: dict, full_len: int):
+    """A language-model pre-hook that adds `extra` keyword inputs to the prefill call (sequence of `full_len`)."""
+
+    def hook(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None or embeds.shape[1] != full_len:
+            return None
+        return args, {**kwargs, **extra}
+
+    return hook
+
+
+def topk_per_image(scores: torch.Tensor, ctx: Stage2Context) -> torch.Tensor:
+    """(B, M) bool: the top-`budget` columns of every item of every row (one item cannot take another's budget;
+    padding only once the item's valid tokens run out; filler columns never)."""
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    for row, _, columns, n in ctx.image_columns():
+        chosen = topk_keep(scores[row, columns].unsqueeze(0), n, ctx.vision_valid[row, columns].unsqueeze(0))
+        keep[row, columns[chosen[0]]] = True
+    return keep
 
 
 def repeat_rows(spliced: Spliced, copies: int) -> Spliced:
@@ -499,10 +665,13 @@ def repeat_rows(spliced: Spliced, copies: int) -> Spliced:
         return None if t is None else t.repeat_interleave(copies, dim=dim)
 
     position_dim = 1 if spliced.position_ids.dim() == 3 else 0
-    return Spliced(inputs_embeds=rep(spliced.inputs_embeds), attention_mask=rep(spliced.attention_mask),
+    return replace(spliced, inputs_embeds=rep(spliced.inputs_embeds), attention_mask=rep(spliced.attention_mask),
                    position_ids=rep(spliced.position_ids, position_dim), positions=rep(spliced.positions),
                    vision_slots=rep(spliced.vision_slots), vision_index=rep(spliced.vision_index),
-                   vision_valid=rep(spliced.vision_valid), key_bias=rep(spliced.key_bias))
+                   vision_valid=rep(spliced.vision_valid), vision_image=rep(spliced.vision_image),
+                   vision_item=rep(spliced.vision_item), vision_grid=rep(spliced.vision_grid),
+                   vision_extras={k: rep(v) for k, v in spliced.vision_extras.items()},
+                   key_bias=rep(spliced.key_bias))
 
 
 def additive_attention_mask(mask: torch.Tensor, key_bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

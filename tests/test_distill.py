@@ -404,9 +404,9 @@ def test_processor_decides_which_tokens_are_padding(tiny_workspace, tiny_batch, 
     assert cropped.hparams.processor == str(tmp_path / "crop")
     pixels, sizes = tiny_batch["pixel_values"], tiny_batch["image_sizes"]
     assert bool((sizes[:, 0] != sizes[:, 1]).any()), "some images are not square"
-    padded = default.pruned.encode(pixels, sizes).valid_or_all()
+    padded = default.pruned.encode(pixels, sizes).tokens.valid_or_all()
     assert not bool(padded.all()) and bool(padded.any(dim=1).all())  # every image shows some content
-    assert bool(cropped.pruned.encode(pixels, sizes).valid_or_all().all())  # a crop leaves no padding
+    assert bool(cropped.pruned.encode(pixels, sizes).tokens.valid_or_all().all())  # a crop leaves no padding
 
 
 def test_model_config_takes_its_processor_explicitly(tiny_workspace, tiny_batch):
@@ -422,7 +422,7 @@ def test_model_config_takes_its_processor_explicitly(tiny_workspace, tiny_batch)
     assert torch.isfinite(bare.shared_step(no_sizes, bare.train_metrics))
     torch.manual_seed(0)
     module = DistillPruner(model_config=config, n1=4, head=HEAD, processor=str(tiny_workspace / "model"))
-    valid = module.pruned.encode(tiny_batch["pixel_values"], tiny_batch["image_sizes"]).valid_or_all()
+    valid = module.pruned.encode(tiny_batch["pixel_values"], tiny_batch["image_sizes"]).tokens.valid_or_all()
     assert not bool(valid.all())  # the processor pads to square: non-square images show padding
     assert torch.isfinite(module.shared_step(tiny_batch, module.train_metrics))
 

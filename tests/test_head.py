@@ -15,6 +15,7 @@ from modules.head import CONFIG_NAME, PrunerHead
 from modules.pruned_vlm import PrunedVLM, PruningPlan
 from modules.selectors import get_selector
 from modules.vlm import get_adapter
+from modules.vlm.base import EncodedImages
 
 
 def small_head(in_dim=16, **kw) -> PrunerHead:
@@ -125,7 +126,7 @@ def test_head_serves_any_number_of_tokens(sdpa_model, batch):
     inputs = {k: v for k, v in batch.items() if k != "image_sizes"}
     with torch.no_grad():
         pruned(**inputs)
-        expected = head.logits(pruned.encode(inputs["pixel_values"])).topk(4, dim=1).indices.sort(dim=1).values
+        expected = head.logits(pruned.encode(inputs["pixel_values"]).tokens).topk(4, dim=1).indices.sort(dim=1).values
     assert torch.equal(pruned.last_kept["stage1"], expected)
 
 
@@ -147,11 +148,11 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
 
 
 def question_tokens(adapter, processor, batch, prompts):
-    """The batch's images with each prompt of `prompts` attached the way PrunedVLM attaches it."""
-    pruned = PrunedVLM(adapter.model, PruningPlan(), processor=processor)
+    """The batch's images, image i with text-only prompt i of `prompts` attached as PrunedVLM attaches prompts."""
     text = processor(images=None, text=prompts, return_tensors="pt", padding=True)
     tokens = adapter.encode(batch["pixel_values"], batch["image_sizes"])
-    return pruned.attach_prompt(tokens, text["input_ids"], text["attention_mask"])
+    embeds = adapter.embed_tokens(text["input_ids"]).detach()
+    return replace(tokens, prompt=embeds, prompt_mask=text["attention_mask"].bool())
 
 
 def test_question_aware_head_reads_the_prompt_not_its_padding(sdpa_model, processor, batch):
@@ -184,7 +185,8 @@ def test_question_aware_head_round_trips_and_serves(tmp_path, sdpa_model, proces
     with torch.no_grad():
         pruned(**batch)
     tokens = PrunedVLM(sdpa_model, PruningPlan(), processor=processor).attach_prompt(
-        adapter.encode(batch["pixel_values"], batch["image_sizes"]), batch["input_ids"], batch["attention_mask"])
+        EncodedImages.uniform(adapter.encode(batch["pixel_values"], batch["image_sizes"]),
+                              adapter.image_token_id), batch["input_ids"], batch["attention_mask"]).tokens
     assert torch.equal(pruned.last_kept["stage1"], head.select(tokens, 5))
     loaded.config.prompt_dim = 7
     with pytest.raises(ValueError, match="prompt embeddings of dim 7"):

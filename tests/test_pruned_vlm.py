@@ -234,8 +234,7 @@ class FirstImageDominates(Scorer):
     across the row, would go to the first image alone)."""
 
     def score(self, ctx: Stage2Context) -> torch.Tensor:
-        first = torch.zeros_like(ctx.vision_index, dtype=torch.float)
-        first[:, ctx.image_blocks()[0]] = 100.0
+        first = (ctx.vision_image == 0).float() * 100.0
         return first + ctx.vision_index.float() / 1000
 
 
@@ -274,8 +273,9 @@ def test_question_aware_head_never_reads_the_answer(sdpa_model, tokenizer, proce
     # the head's scores, not just its top-5, are the same (up to the float noise of a longer padded prompt)
     with torch.no_grad():
         tokens = pruned.encode(served["pixel_values"])
-        a = head.logits(pruned.attach_prompt(tokens, served["input_ids"], served["attention_mask"]))
-        b = head.logits(pruned.attach_prompt(tokens, trained["input_ids"], trained["attention_mask"], prompt_end))
+        a = head.logits(pruned.attach_prompt(tokens, served["input_ids"], served["attention_mask"]).tokens)
+        b = head.logits(pruned.attach_prompt(tokens, trained["input_ids"], trained["attention_mask"],
+                                             prompt_end).tokens)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -419,7 +419,7 @@ def test_missing_or_mismatched_image_tokens_raise(sdpa_model, batch):
     no_image = ids.masked_fill(ids == sdpa_model.config.image_token_id, 7)
     with pytest.raises(ValueError, match=f"no image token \\(id {sdpa_model.config.image_token_id}\\)"):
         pruned(input_ids=no_image, pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
-    with pytest.raises(ValueError, match="48 image tokens but 2 image"):
+    with pytest.raises(ValueError, match="48 image tokens \\(id 4\\) but the 2 image"):
         pruned(input_ids=ids, pixel_values=batch["pixel_values"][:2], attention_mask=batch["attention_mask"])
 
 

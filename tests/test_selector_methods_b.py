@@ -101,7 +101,7 @@ def test_agilepruner_never_keeps_padding_while_valid_remain():
 def test_agilepruner_needs_attention_and_checks_params():
     with pytest.raises(ValueError, match="cls_attn"):
         get_selector("agilepruner").select(VisionTokens(feats=torch.randn(1, 4, 3)), 2)
-    for bad in ({"tau0": -0.1}, {"tau_max": float("nan")}, {"erank_avg": 0.0}):
+    for bad in ({"tau0": -0.1}, {"tau_max": float("nan")}, {"erank_avg": 0.0}, {"erank_scale": -1.5}):
         with pytest.raises(ValueError, match=str(list(bad.values())[0])):
             get_selector("agilepruner", **bad)
 
@@ -124,11 +124,23 @@ def test_agilepruner_calibration_fits_the_mean_erank():
     sel.start_calibration()
     sel.observe(VisionTokens(feats=torch.stack([eye, eye[torch.arange(16) % 2]]), cls_attn=torch.rand(2, 16)))
     sel.observe(VisionTokens(feats=torch.eye(4)[None], cls_attn=torch.rand(1, 4)))  # erank 3
+    # the statistic is resolution-free: erank / sqrt(N) of each image, N = 16 here
     stat = sel.statistic(VisionTokens(feats=eye[None]))
-    assert stat.device.type == "cpu" and stat.tolist() == pytest.approx([15.0], rel=1e-5)
+    assert stat.device.type == "cpu" and stat.tolist() == pytest.approx([15.0 / 4], rel=1e-5)
     sel.finish_calibration()
-    assert isinstance(sel.erank_avg, float) and sel.erank_avg == pytest.approx((15 + 1 + 3) / 3, rel=1e-5)
-    assert to_config(sel)["erank_avg"] == sel.erank_avg
+    # batches of N = 16 (eranks 15, 1) and N = 4 (erank 3) mix: each image is divided by its own sqrt(N)
+    assert isinstance(sel.erank_scale, float)
+    assert sel.erank_scale == pytest.approx((15 / 4 + 1 / 4 + 3 / 2) / 3, rel=1e-5)
+    assert to_config(sel)["erank_scale"] == sel.erank_scale and sel.erank_avg is None
+    # the reference follows each image's N; a fixed erank_avg (older plans) is used at every N, and calibrating
+    # replaces it
+    assert sel.reference_erank(64) == pytest.approx(sel.erank_scale * 8)
+    assert get_selector("agilepruner", erank_avg=2.5).reference_erank(64) == 2.5
+    legacy = get_selector("agilepruner", erank_avg=2.5)
+    legacy.start_calibration()
+    legacy.observe(VisionTokens(feats=eye[None]))
+    legacy.finish_calibration()
+    assert legacy.erank_avg is None and legacy.erank_scale == pytest.approx(15 / 4, rel=1e-5)
 
 
 def agilepruner_reference(feats: torch.Tensor, attn: list[float], valid: list[bool], n: int, erank_avg=None,
@@ -267,6 +279,8 @@ def test_finepruner_params_are_checked():
 
 # ---- FinePruner stage B ----------------------------------------------------------------------------------------
 N_ORIG, M, H, LEN = 16, 8, 4, 14
+GRID = (4, 4)  # the original image's token grid: N_ORIG = 4 * 4
+BUDGET = 4
 PRIOR = torch.exp(0.3 * torch.arange(N_ORIG, dtype=torch.float32))
 PRIOR = PRIOR / PRIOR.sum()  # recency-like positional prior over the 16 original positions
 PLANTED_TOKENS = [1, 3]  # local indices among the M visual tokens of each row
@@ -275,8 +289,8 @@ PLANTED_TOKENS = [1, 3]  # local indices among the M visual tokens of each row
 def stage2_context(hidden_dtype=torch.float32, valid=None, device="cpu") -> Stage2Context:
     """Two rows (row 1 left-padded by one). Heads 0-2 attend exactly by the prior; head 3 focuses on tokens 1, 3.
 
-    Row 0 holds the even original positions, row 1 the odd ones; visual tokens with odd local index form
-    cosine cluster A, even ones cluster B.
+    Row 0 holds the even original positions, row 1 the odd ones (one 4x4 image per row, budget 4); visual tokens
+    with odd local index form cosine cluster A, even ones cluster B.
     """
     slots = torch.stack([torch.arange(2, 2 + M), torch.arange(3, 3 + M)])
     index = torch.stack([torch.arange(0, N_ORIG, 2), torch.arange(1, N_ORIG, 2)])
@@ -299,7 +313,10 @@ def stage2_context(hidden_dtype=torch.float32, valid=None, device="cpu") -> Stag
 
     return Stage2Context(logits_fn=logits_fn, attention_mask=mask.to(device), vision_slots=slots.to(device),
                          vision_index=index.to(device), vision_valid=valid.to(device),
-                         vision_hidden=hidden.to(device, hidden_dtype), budget=4)
+                         vision_hidden=hidden.to(device, hidden_dtype),
+                         budget=torch.full((2, 1), BUDGET, device=device),
+                         vision_image=torch.zeros(2, M, dtype=torch.long, device=device),
+                         vision_grid=torch.tensor(GRID, device=device).expand(2, M, 2))
 
 
 def focus_head() -> torch.Tensor:
@@ -343,11 +360,13 @@ def test_stage_b_uncalibrated_uses_the_batch_mean():
 
 def test_stage_b_prior_round_trips_and_calibrates():
     scorer = get_scorer("finepruner", prior=PRIOR)
+    # a 1-D prior of 16 positions (what older plans saved) is the 4x4 grid it was taken on
+    assert torch.equal(scorer.prior, PRIOR.view(GRID))
     config = to_config(scorer)
-    assert isinstance(config["prior"], list) and len(config["prior"]) == N_ORIG
+    assert isinstance(config["prior"], list) and [len(r) for r in config["prior"]] == [4] * 4
     params = {k: v for k, v in config.items() if k != "name"}
     rebuilt = SCORERS.build(config["name"], **params)
-    assert isinstance(rebuilt.prior, torch.Tensor) and torch.equal(rebuilt.prior, PRIOR)
+    assert isinstance(rebuilt.prior, torch.Tensor) and torch.equal(rebuilt.prior, PRIOR.view(GRID))
 
     fresh = get_scorer("finepruner")
     fresh.start_calibration()
@@ -359,25 +378,30 @@ def test_stage_b_prior_round_trips_and_calibrates():
     for b in range(2):
         expected[torch.arange(b, N_ORIG, 2)] = (3 * row_prior(b) + focus_head()) / 4
     expected = expected / expected.sum()
-    assert fresh.prior.dtype == torch.float32 and fresh.prior.shape == (N_ORIG,)
-    assert torch.allclose(fresh.prior, expected, atol=1e-6)
+    assert fresh.prior.dtype == torch.float32 and fresh.prior.shape == GRID
+    assert torch.allclose(fresh.prior, expected.view(GRID), atol=1e-6)
 
-    # positions never seen get the mean of the seen ones; N is the largest index seen + 1
+    # positions never seen get the mean of the seen ones; N comes from the image's grid (3 x 6 = 18)
     ctx = stage2_context()
     ctx.vision_index = ctx.vision_index.clone()
-    ctx.vision_index[1] += 2  # row 1 now covers 3, 5, ..., 17: positions 1 and 16 unseen, N = 18
+    ctx.vision_index[1] += 2  # row 1 now covers 3, 5, ..., 17: positions 1 and 16 unseen
+    ctx.vision_grid = torch.tensor([3, 6]).expand(2, M, 2)
     fresh.start_calibration()
     fresh.observe(ctx)
     fresh.finish_calibration()
-    assert fresh.prior.shape == (18,)
+    assert fresh.prior.shape == (3, 6)
     raw = torch.zeros(18)
     raw[torch.arange(0, 16, 2)] = (3 * row_prior(0) + focus_head()) / 4
     raw[torch.arange(3, 18, 2)] = (3 * row_prior(1) + focus_head()) / 4
     raw[[1, 16]] = raw[ctx.vision_index.flatten()].mean()
-    assert torch.allclose(fresh.prior, raw / raw.sum(), atol=1e-6)
+    assert torch.allclose(fresh.prior, (raw / raw.sum()).view(3, 6), atol=1e-6)
 
-    with pytest.raises(ValueError, match="up to 17"):
-        get_scorer("finepruner", prior=PRIOR).score(ctx)  # calibrated on 16 positions, asked about 17
+    # a prior of another grid is resampled (finite scores), but a position outside its own image's grid is an
+    # inconsistent context, named in the error
+    assert bool(torch.isfinite(get_scorer("finepruner", prior=PRIOR).score(ctx)).all())
+    ctx.vision_grid = torch.tensor(GRID).expand(2, M, 2)
+    with pytest.raises(ValueError, match="vision_index 17"):
+        get_scorer("finepruner", prior=PRIOR).score(ctx)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -390,20 +414,20 @@ def test_stage_b_with_clusters(device, hidden_dtype):
     scorer = get_scorer("finepruner", n_heads=2, cluster=True, n_clusters=2, prior=PRIOR)
     s = scorer.score(ctx)
     # two clusters of four share the budget of 4 as 2 + 2: A keeps 1, 3 (planted), B keeps its best-scored 6, 4
-    assert topk_keep(s, ctx.budget).tolist() == [[1, 3, 4, 6]] * 2
+    assert topk_keep(s, BUDGET).tolist() == [[1, 3, 4, 6]] * 2
     lift = 1 + plain.max(dim=1, keepdim=True).values - plain.min(dim=1, keepdim=True).values
     allocated = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0.0], device=device)
     assert torch.allclose(s - plain, allocated * lift)
     # combine() applies the same allocation to any score range, e.g. a debiasing wrapper's rescaled scores
-    assert topk_keep(scorer.combine(ctx, plain * 100 - 7), ctx.budget).tolist() == [[1, 3, 4, 6]] * 2
+    assert topk_keep(scorer.combine(ctx, plain * 100 - 7), BUDGET).tolist() == [[1, 3, 4, 6]] * 2
 
     # a padding token is never allocated: row 1 loses token 7, clusters of 3 (A) and 4 (B) still split 2 + 2
     valid = torch.ones(2, M, dtype=torch.bool)
     valid[1, 7] = False
     ctx = stage2_context(hidden_dtype=hidden_dtype, valid=valid, device=device)
-    keep = topk_keep(scorer.score(ctx), ctx.budget, ctx.vision_valid)
+    keep = topk_keep(scorer.score(ctx), BUDGET, ctx.vision_valid)
     assert keep.tolist() == [[1, 3, 4, 6]] * 2
-    ctx.budget = 8  # above the 7 valid tokens: all valid first, the padding token last
+    ctx.budget = torch.full((2, 1), 8, device=device)  # above the 7 valid tokens: all valid first, padding last
     assert topk_keep(scorer.score(ctx), 8, ctx.vision_valid)[1].tolist() == list(range(8))
 
 

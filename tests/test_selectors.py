@@ -233,7 +233,7 @@ def test_selector_in_plan_end_to_end(selector, sdpa_model, processor, batch):
     stage1 = PrunedVLM(sdpa_model, PruningPlan(stage1=selector, n1=6), processor=processor)
     with torch.no_grad():
         logits = stage1(**batch).logits
-        tokens = stage1.encode(batch["pixel_values"], batch["image_sizes"])
+        tokens = stage1.encode(batch["pixel_values"], batch["image_sizes"]).tokens
     keep = stage1.last_kept["stage1"]
     assert tokens.valid is not None and not bool(tokens.valid.all())
     check_keep(keep, tokens, 6)
@@ -280,7 +280,7 @@ def test_scorer_in_plan_end_to_end(scorer, query, sdpa_model, eager_model, proce
     reference = PrunedVLM(eager_model, PruningPlan(stage1="random", n1=n1), processor=processor)
     with torch.no_grad():
         out = reference(**batch, output_attentions=True, output_hidden_states=True)
-        tokens = reference.encode(batch["pixel_values"], batch["image_sizes"])
+        tokens = reference.encode(batch["pixel_values"], batch["image_sizes"]).tokens
     assert torch.equal(reference.last_kept["stage1"], kept1)
     attn, hidden = out.attentions[k - 1], out.hidden_states[k - 1]  # layer K-1: its rows, its input
     ids = batch["input_ids"].gather(1, reference.last_positions)
@@ -294,8 +294,11 @@ def test_scorer_in_plan_end_to_end(scorer, query, sdpa_model, eager_model, proce
 
     mask = batch["attention_mask"].gather(1, reference.last_positions)
     vision_hidden = hidden.gather(1, slots.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    rows, m = kept1.shape  # one image per row: every column belongs to image 0, of the adapter's grid
     ctx = Stage2Context(logits_fn=logits_fn, attention_mask=mask, vision_slots=slots, vision_index=kept1,
-                        vision_valid=valid, vision_hidden=vision_hidden, budget=n2)
+                        vision_valid=valid, vision_hidden=vision_hidden, budget=torch.full((rows, 1), n2),
+                        vision_image=torch.zeros(rows, m, dtype=torch.long),
+                        vision_grid=torch.tensor(tokens.grid).expand(rows, m, 2))
     expected = with_query(scorer, query).score(ctx)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
     assert torch.equal(kept2, kept1.gather(1, topk_keep(expected, n2, valid)))
@@ -359,14 +362,14 @@ def test_calibrated_plan_saves_and_reloads_to_identical_selections(tmp_path, sdp
                        stage2={"name": "debiased", "inner": {"name": "finepruner"}}, n2=4, layer=2)
     batches = [batch, {k: v[:2] for k, v in batch.items()}]
     calibrate(sdpa_model, plan, batches, processor=processor)
-    assert plan.scorer.b is not None and plan.scorer.inner.prior is not None
+    assert plan.scorer.rate is not None and plan.scorer.inner.prior is not None
 
     # stage 1's calibrated values, recomputed independently over the 5 calibration images: AgilePruner's mean
-    # effective rank (SVD of each image's centred valid features) and the slope of a least-squares line
-    # through log(mean valid [CLS] attention) per position
+    # effective rank per sqrt(N) (SVD of each image's centred valid features) and the slope of a least-squares
+    # line through log(mean valid [CLS] attention) per relative position i / N
     with torch.no_grad():
         tokens = PrunedVLM(sdpa_model, PruningPlan(), processor=processor).encode(batch["pixel_values"],
-                                                                                  batch["image_sizes"])
+                                                                                  batch["image_sizes"]).tokens
     valid = tokens.valid_or_all()
     images = [0, 1, 2, 0, 1]
     eranks = []
@@ -375,13 +378,16 @@ def test_calibrated_plan_saves_and_reloads_to_identical_selections(tmp_path, sdp
         sigma = torch.linalg.svdvals(x - x.mean(dim=0))
         p = sigma[sigma > 1e-12 * sigma.sum()] / sigma.sum()
         eranks.append(math.exp(float(-(p * p.log()).sum())))
-    assert plan.selector.inner.erank_avg == pytest.approx(sum(eranks) / len(eranks), rel=1e-4)
+    n_tokens = tokens.num_tokens
+    expected_scale = sum(eranks) / len(eranks) / math.sqrt(n_tokens)
+    assert plan.selector.inner.erank_scale == pytest.approx(expected_scale, rel=1e-4)
+    assert plan.selector.inner.erank_avg is None
     attn, seen = tokens.cls_attn.double()[images], valid[images].double()
     mean = (attn * seen).sum(0) / seen.sum(0)
-    i = torch.arange(tokens.num_tokens, dtype=torch.float64)[seen.sum(0) > 0]
+    u = torch.arange(n_tokens, dtype=torch.float64)[seen.sum(0) > 0] / n_tokens
     y = mean[seen.sum(0) > 0].log()
-    slope = float(((i - i.mean()) * (y - y.mean())).sum() / ((i - i.mean()) ** 2).sum())
-    assert plan.selector.b == pytest.approx(slope, rel=1e-4, abs=1e-7)
+    slope = float(((u - u.mean()) * (y - y.mean())).sum() / ((u - u.mean()) ** 2).sum())
+    assert plan.selector.rate == pytest.approx(slope, rel=1e-4, abs=1e-7) and plan.selector.b is None
 
     reference = PrunedVLM(sdpa_model, plan, processor=processor)
     with torch.no_grad():
@@ -396,9 +402,9 @@ def test_calibrated_plan_saves_and_reloads_to_identical_selections(tmp_path, sdp
             pruned(**batch)
         assert torch.equal(pruned.last_kept["stage1"], reference.last_kept["stage1"])
         assert torch.equal(pruned.last_kept["stage2"], reference.last_kept["stage2"])
-    # the stored slope is what drives stage 1 (not a per-sample refit): with b = -0.3 AgilePruner's pass runs
-    # on s_i * exp(0.3 i), padding zeroed, computed here by hand
-    loaded.selector.b = -0.3
+    # the stored rate is what drives stage 1 (not a per-sample refit): with rate = -0.3 N (a slope of -0.3 per
+    # token) AgilePruner's pass runs on s_i * exp(0.3 i), padding zeroed, computed here by hand
+    loaded.selector.rate = -0.3 * n_tokens
     with torch.no_grad():
         pruned(**batch)
     by_hand = tokens.cls_attn.float() * torch.exp(0.3 * torch.arange(tokens.num_tokens)) * valid

@@ -86,7 +86,7 @@ def test_shipped_pruner_loads_and_beats_random_at_its_budget(teacher, test_batch
     inputs = test_batch[0]
     image_id = model.config.image_token_id
     with torch.no_grad():
-        tokens = pruned.encode(inputs["pixel_values"], inputs["image_sizes"])
+        tokens = pruned.encode(inputs["pixel_values"], inputs["image_sizes"]).tokens
         tokens = replace(tokens, prompt=model.get_input_embeddings()(inputs["input_ids"]),
                          prompt_mask=inputs["attention_mask"].bool() & (inputs["input_ids"] != image_id))
         logits = head.logits(tokens)

@@ -8,7 +8,7 @@ with SDPA or flash attention and no (L, L) attention matrix is ever built.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,13 +26,16 @@ class Stage2Context:
 
     logits_fn:      (B, Q) query rows -> (B, H, Q, L1) scaled attention logits of layer K-1.
     attention_mask: (B, L1) 1 for real tokens (left padding only).
-    vision_slots:   (B, M) positions of the surviving visual tokens in the sequence.
-    vision_index:   (B, M) their index among the row's visual tokens (into N for one image per prompt).
-    vision_valid:   (B, M) bool, False for padding tokens.
+    vision_slots:   (B, M) positions of the surviving visual tokens in the sequence (M: the widest row's count;
+                    narrower rows end in filler columns, see `vision_image`).
+    vision_index:   (B, M) each token's index among the N_i tokens of ITS image (row-major over its grid).
+    vision_valid:   (B, M) bool, False for padding tokens and filler columns.
     vision_hidden:  (B, M, D) hidden states of the visual tokens at the input of layer K-1.
-    budget:         how many tokens of each image will be kept (for budget-aware scorers).
-    images:         images per row: the M columns are `images` consecutive equal blocks, one per image; the
-                    top-`budget` of each block is kept.
+    budget:         how many tokens of each image will be kept, (B, images) long (0 where a row has fewer images).
+    vision_image:   (B, M) long, which image of its row each column belongs to (0 .. images-1; the images of a row
+                    are consecutive), -1 for filler columns (never kept, whatever their score).
+    vision_grid:    (B, M, 2) long, the (h, w) token grid of the column's image ((1, N_i) when it has none);
+                    h * w = N_i, so `vision_index / (h * w)` is a resolution-free position.
     query_end:      (B,) position of the last prompt token (default: the last position), so that training on
                     prompt + answer scores from the prompt alone.
     """
@@ -43,14 +46,27 @@ class Stage2Context:
     vision_index: torch.Tensor
     vision_valid: torch.Tensor
     vision_hidden: torch.Tensor
-    budget: int
-    images: int = 1
+    budget: torch.Tensor
+    vision_image: torch.Tensor
+    vision_grid: torch.Tensor
     query_end: torch.Tensor | None = None
 
-    def image_blocks(self) -> list[slice]:
-        """The column range of each image of a row among the M visual tokens."""
-        block = self.vision_slots.shape[1] // self.images
-        return [slice(i * block, (i + 1) * block) for i in range(self.images)]
+    @property
+    def images(self) -> int:
+        """Most images in a row."""
+        return self.budget.shape[1]
+
+    def image_columns(self) -> Iterator[tuple[int, int, torch.Tensor, int]]:
+        """(row, image, its columns among the M, its budget) for every image of the batch, in batch order."""
+        for row in range(self.vision_image.shape[0]):
+            for image in range(self.images):
+                columns = (self.vision_image[row] == image).nonzero().flatten()
+                if columns.numel():
+                    yield row, image, columns, int(self.budget[row, image])
+
+    def num_tokens(self) -> torch.Tensor:
+        """(B, M) N_i of each column's image (h_i * w_i)."""
+        return self.vision_grid.prod(dim=-1)
 
     def query_rows(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Q) query positions and (B, Q) weights that sum to 1 per row.

@@ -37,17 +37,26 @@ class AgilePruner(Selector, Calibrated):
     """AgilePruner (Baek et al., "AgilePruner: An Empirical Study of Attention and Diversity for Adaptive Visual
     Token Pruning in Large Vision-Language Models", 2026): attention order with an image-adaptive diversity gate.
 
-    Per image, over its valid tokens: complexity c = erank(F) / erank_avg, with erank(F) = exp(H(sigma / sum
-    sigma)) of the (centered when `center`) post-projector features F. The tokens are visited in descending
-    `cls_attn` order (ties: lower index); a candidate is skipped when its cosine distance to some already kept
-    token is below tau = min(tau_max, c * tau0 * step), where step = (number of tokens kept so far) + 1, i.e. the
-    1-based index of the slot being filled. The pass stops at n kept; if it ends short, the highest-attention
-    remaining valid tokens fill the budget (then padding tokens, by attention, only when n exceeds the valid ones).
+    Per image, over its valid tokens: complexity c = erank(F) / (the reference erank, below), with
+    erank(F) = exp(H(sigma / sum sigma)) of the (centered when `center`) post-projector features F. The tokens are
+    visited in descending `cls_attn` order (ties: lower index); a candidate is skipped when its cosine distance to
+    some already kept token is below tau = min(tau_max, c * tau0 * step), where step = (number of tokens kept so
+    far) + 1, i.e. the 1-based index of the slot being filled. The pass stops at n kept; if it ends short, the
+    highest-attention remaining valid tokens fill the budget (then padding tokens, by attention, only when n
+    exceeds the valid ones).
     Complex images (c > 1) are gated harder and so keep more diverse tokens; simple ones stay attention-driven.
 
     Our choices (the paper gives no code): tau0 = 0.01 and tau_max = 0.3 follow the project page; `step` as above;
-    when uncalibrated (erank_avg None) the reference erank is 1.0 * sqrt(N), N = tokens per image; an image with
-    no spread has erank 1. `calibrate(...)` sets erank_avg to the mean per-image erank of the calibration set.
+    an image with no spread has erank 1. The reference erank of an image of N tokens is erank_scale * sqrt(N)
+    (uncalibrated: erank_scale None, i.e. 1.0 * sqrt(N), METHODS.md's default). Storage is resolution-free
+    because the erank of N tokens grows with N (it is at most N): a dataset mean fitted at one resolution would
+    call every image of a smaller one simple. So `calibrate(...)` fits erank_scale = the mean over calibration
+    images of erank_i / sqrt(N_i), each image with its own N_i (batches of different N mix freely), and the
+    reference follows each image's N; at a single resolution c is exactly erank / (dataset mean erank). That the
+    reference grows as sqrt(N) between resolutions is an assumption (the form of METHODS.md's default), not a
+    measured law.
+    `erank_avg`, when set, is a fixed reference erank used at every N instead (what plans saved before
+    erank_scale hold; they still load and select as before): calibrating replaces it by erank_scale.
     Shapes: VisionTokens.feats (B, N, D) and cls_attn (B, N) (required) -> keep (B, n).
     """
 
@@ -55,6 +64,7 @@ class AgilePruner(Selector, Calibrated):
     tau_max: float = 0.3
     center: bool = True
     erank_avg: float | None = None
+    erank_scale: float | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.tau0) and self.tau0 >= 0):
@@ -63,9 +73,14 @@ class AgilePruner(Selector, Calibrated):
             raise ValueError(f"AgilePruner tau_max={self.tau_max} must be a finite number >= 0")
         if self.erank_avg is not None and not (math.isfinite(self.erank_avg) and self.erank_avg > 0):
             raise ValueError(f"AgilePruner erank_avg={self.erank_avg} must be a positive number or None")
+        if self.erank_scale is not None and not (math.isfinite(self.erank_scale) and self.erank_scale > 0):
+            raise ValueError(f"AgilePruner erank_scale={self.erank_scale} must be a positive number or None")
 
     def reference_erank(self, num_tokens: int) -> float:
-        return self.erank_avg if self.erank_avg is not None else math.sqrt(num_tokens)
+        """The erank an image of `num_tokens` tokens is compared with (complexity 1)."""
+        if self.erank_avg is not None:
+            return self.erank_avg
+        return (self.erank_scale if self.erank_scale is not None else 1.0) * math.sqrt(num_tokens)
 
     def image_eranks(self, tokens: VisionTokens) -> torch.Tensor:
         """(B,) erank of each image's valid tokens, on CPU."""
@@ -114,7 +129,9 @@ class AgilePruner(Selector, Calibrated):
 
     # ---- calibration -------------------------------------------------------------------------------------------
     def statistic(self, tokens: VisionTokens) -> torch.Tensor:
-        return self.image_eranks(tokens)
+        """(B,) erank_i / sqrt(N) of each image of the call (one N per call)."""
+        return self.image_eranks(tokens) / math.sqrt(tokens.num_tokens)
 
     def fit_calibration(self, observations: list) -> None:
-        self.erank_avg = float(torch.cat([torch.as_tensor(o).flatten() for o in observations]).double().mean())
+        self.erank_scale = float(torch.cat([torch.as_tensor(o).flatten() for o in observations]).double().mean())
+        self.erank_avg = None

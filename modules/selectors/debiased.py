@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -7,7 +8,14 @@ from typing import Any
 import torch
 
 from modules.budget import topk_keep
-from modules.debias import debias_scores, fit_exponential_trend, fit_trend_per_sample
+from modules.debias import (
+    debias_scores,
+    fit_relative_trend,
+    fit_trend_per_image,
+    merge_position_sums,
+    position_sums,
+    relative_positions,
+)
 from modules.selectors.base import SELECTORS, Calibrated, ScoreSelector
 from modules.vlm.base import VisionTokens
 
@@ -18,17 +26,28 @@ FIT_MODES = ("dataset", "sample")
 class DebiasCore(Calibrated):
     """Shared by the stage-1 and stage-2 wrappers: Attention Debiasing (Zhao et al., 2025).
 
-    Padding suppression: s_i = 0 for padding tokens. Positional debiasing: s_i / exp(b * i), with i the index of
-    the token among the visual tokens and b the slope of an exponential trend A * exp(b * i) fitted to the mean
-    raw score per position: on a calibration set (`fit="dataset"`, the default, via `calibrate`) or on each
-    sample (`fit="sample"`). An uncalibrated `fit="dataset"` wrapper falls back to per-sample fits (warned once).
-    Subclasses set the default `inner` and the `registry` that names it.
+    Padding suppression: s_i = 0 for padding tokens. Positional debiasing: s_i / exp(rate * u_i), with
+    u_i = i / N_i the RELATIVE position of the token among the N_i tokens of its own image and `rate` the slope of
+    an exponential trend A * exp(rate * u) fitted to the mean raw score per position: on a calibration set
+    (`fit="dataset"`, the default, via `calibrate`) or on each image alone (`fit="sample"`). An uncalibrated
+    `fit="dataset"` wrapper falls back to per-image fits (warned once). Subclasses set the default `inner` and
+    the `registry` that names it.
+
+    Our choice of storage: the paper's per-token slope b (t(i) = A exp(b i)) only means something at the N it was
+    fitted on; images of other resolutions (Qwen2.5-VL: every image its own N_i and grid) need a slope that does
+    not depend on N, so the calibrated value is `rate`, a slope over u in [0, 1), which is b * N at a single
+    resolution (`modules.debias.fit_relative_trend`: one rate shared by all sizes seen, each size with its own
+    level A_N). Consequence: an image with 4x the tokens gets the same total correction from its first token to
+    its last, spread over 4x the positions. `b` (per token, applied as exp(-b * i) with i the index among the
+    image's tokens) is what plans saved before `rate` existed hold: they still load and select as before;
+    calibrating replaces it with `rate`. Setting both is an error.
     """
 
     inner: Any = None
     padding: bool = True
     positional: bool = True
     fit: str = "dataset"
+    rate: float | None = None
     b: float | None = None
 
     def __post_init__(self) -> None:
@@ -39,37 +58,37 @@ class DebiasCore(Calibrated):
             raise ValueError(f"Debiased fit={self.fit!r}; use one of {FIT_MODES}")
         if not hasattr(self.inner, "score"):
             raise ValueError(f"Debiased needs an attention-based inner method with score(), got {self.inner!r}")
+        for field_name in ("rate", "b"):
+            value = getattr(self, field_name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"Debiased {field_name}={value!r} must be a finite number or None")
+        if self.rate is not None and self.b is not None:
+            raise ValueError(f"Debiased rate={self.rate} (per relative position) and b={self.b} (the per-token "
+                             "slope of older plans) are both set; keep one (rate = b * N at the N b was fitted on)")
 
-    def _slope(self, raw: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None):
+    def _debias(self, raw: torch.Tensor, index: torch.Tensor, num_tokens: torch.Tensor | int,
+                image: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """raw, index (each token's index among its image's tokens), image (-1: no image), valid: (B, M);
+        num_tokens: N, or the (B, M) N_i of each column's image."""
         if not self.positional:
-            return None
-        if self.fit == "dataset" and self.b is not None:
-            return self.b
+            return debias_scores(raw, index, valid, None, padding=self.padding)
+        if self.fit == "dataset" and self.rate is not None:
+            return debias_scores(raw, relative_positions(index, num_tokens), valid, self.rate, padding=self.padding)
+        if self.fit == "dataset" and self.b is not None:  # an older plan's per-token slope
+            return debias_scores(raw, index, valid, self.b, padding=self.padding)
         if self.fit == "dataset" and not getattr(self, "_warned", False):
-            warnings.warn(f"{type(self).__name__}(fit='dataset') is not calibrated: fitting the trend per sample; "
+            warnings.warn(f"{type(self).__name__}(fit='dataset') is not calibrated: fitting the trend per image; "
                           "run modules.calibrate.calibrate(...) on training data", stacklevel=3)
             self._warned = True
-        return fit_trend_per_sample(raw, positions, valid)
+        positions = relative_positions(index, num_tokens)
+        rates = fit_trend_per_image(raw, positions, image, valid)
+        return debias_scores(raw, positions, valid, rates, padding=self.padding)
 
-    def _debias(self, raw, positions, valid) -> torch.Tensor:
-        return debias_scores(raw, positions, valid, self._slope(raw, positions, valid), padding=self.padding)
-
-    # calibration: accumulate the mean raw score per visual position, fit b on it
-    def _statistic(self, raw, positions, valid, n_positions: int):
-        raw, positions = raw.detach().float().cpu(), positions.cpu()
-        valid = torch.ones_like(raw, dtype=torch.bool) if valid is None else valid.cpu().bool()
-        sums = torch.zeros(n_positions).index_add_(0, positions[valid], raw[valid])
-        counts = torch.zeros(n_positions).index_add_(0, positions[valid], torch.ones(int(valid.sum())))
-        return sums, counts
-
+    # calibration: accumulate the mean raw score per position and resolution, fit one rate on them
     def fit_calibration(self, observations: list) -> None:
-        n = max(s.shape[0] for s, _ in observations)
-        sums, counts = torch.zeros(n), torch.zeros(n)
-        for s, c in observations:
-            sums[: s.shape[0]] += s
-            counts[: c.shape[0]] += c
-        mean = sums / counts.clamp(min=1)
-        self.b = fit_exponential_trend(mean, counts > 0)
+        self.rate = fit_relative_trend(merge_position_sums(observations))
+        self.b = None
 
 
 @SELECTORS.register("debiased")
@@ -78,9 +97,10 @@ class DebiasedSelector(DebiasCore, ScoreSelector):
     """A stage-1 attention-based selector (default: FasterVLM's CLS attention) with attention debiasing.
 
     inner: the wrapped ScoreSelector (name, {"name": ...} mapping or instance). Shapes: VisionTokens (B, N)
-    scores -> (B, N) debiased scores; positions are the token indices 0..N-1. Methods whose selection is more
-    than a top-k of their score (AgilePruner's diversity gate) expose `keep_from_scores(tokens, n, scores)`:
-    the debiased scores then drive that selection instead of replacing it.
+    scores -> (B, N) debiased scores; relative positions are i / N, i = 0..N-1, with the N of the call (calls
+    may come with different N: a plan calibrated at one resolution serves any other). Methods whose selection
+    is more than a top-k of their score (AgilePruner's diversity gate) expose `keep_from_scores(tokens, n,
+    scores)`: the debiased scores then drive that selection instead of replacing it.
     """
 
     inner: Any = "fastervlm"
@@ -88,7 +108,8 @@ class DebiasedSelector(DebiasCore, ScoreSelector):
 
     def score(self, tokens: VisionTokens) -> torch.Tensor:
         raw = self.inner.score(tokens)
-        return self._debias(raw, self._positions(tokens), tokens.valid)
+        index = self._index(tokens)
+        return self._debias(raw, index, tokens.num_tokens, torch.zeros_like(index), tokens.valid)
 
     def keep(self, tokens: VisionTokens, n: int) -> torch.Tensor:
         scores = self.score(tokens)
@@ -97,8 +118,10 @@ class DebiasedSelector(DebiasCore, ScoreSelector):
         return topk_keep(scores, n, tokens.valid)
 
     def statistic(self, tokens: VisionTokens):
-        return self._statistic(self.inner.score(tokens), self._positions(tokens), tokens.valid, tokens.num_tokens)
+        return position_sums(self.inner.score(tokens), self._index(tokens), tokens.valid, tokens.num_tokens)
 
     @staticmethod
-    def _positions(tokens: VisionTokens) -> torch.Tensor:
+    def _index(tokens: VisionTokens) -> torch.Tensor:
+        """(B, N) each token's index in its image: every call holds images of one size N (the engine groups a
+        batch by geometry), so this is 0..N-1 and the relative position is index / N."""
         return torch.arange(tokens.num_tokens, device=tokens.feats.device).expand(tokens.batch_size, -1)

@@ -6,8 +6,9 @@ inputs after stage 1) and the adapter's attention-row method (what stage 2 score
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -23,9 +24,10 @@ class VisionTokens:
                CLS) to each token, mean over heads, or None.
     valid:     (B, N) bool, False for tokens that cover only padding (pad-to-square, anyres), or None (all valid).
     grid:      (h, w) patch grid with h * w == N, or None when tokens do not form one grid.
-    positions: original position ids of the tokens in the prompt: (B, N), or (3, B, N) for M-RoPE, or None.
     prompt:    (B, T, D) input embeddings of the prompt each image belongs to, or None (question-aware selectors).
     prompt_mask: (B, T) bool, True for the prompt's text tokens (not image tokens, not padding), or None.
+    extras:    {name: (B, N, ...)} per-token tensors the model needs back for the kept tokens (Qwen3-VL's DeepStack
+               features), gathered with the selection and handed to the adapter; selectors ignore them.
     """
 
     feats: torch.Tensor
@@ -33,16 +35,16 @@ class VisionTokens:
     cls_attn: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     grid: tuple[int, int] | None = None
-    positions: torch.Tensor | None = None
     prompt: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.feats.dim() != 3:
             raise ValueError(f"VisionTokens.feats must be (B, N, D), got shape {tuple(self.feats.shape)}")
         b, n = self.feats.shape[:2]
-        for name in ("pre", "cls_attn", "valid"):
-            t = getattr(self, name)
+        named = [(name, getattr(self, name)) for name in ("pre", "cls_attn", "valid")]
+        for name, t in named + [(f"extras[{k!r}]", v) for k, v in self.extras.items()]:
             if t is not None and tuple(t.shape[:2]) != (b, n):
                 raise ValueError(f"VisionTokens.{name} has shape {tuple(t.shape)}, expected ({b}, {n}, ...)")
         if self.grid is not None and self.grid[0] * self.grid[1] != n:
@@ -72,26 +74,142 @@ class VisionTokens:
         def pick(t):
             return None if t is None else t[rows]
 
-        positions = self.positions
-        if positions is not None:
-            positions = positions[:, rows] if positions.dim() == 3 else positions[rows]
         return replace(
-            self, feats=self.feats[rows], pre=pick(self.pre), cls_attn=pick(self.cls_attn),
-            valid=pick(self.valid), positions=positions, prompt=pick(self.prompt), prompt_mask=pick(self.prompt_mask),
+            self, feats=self.feats[rows], pre=pick(self.pre), cls_attn=pick(self.cls_attn), valid=pick(self.valid),
+            prompt=pick(self.prompt), prompt_mask=pick(self.prompt_mask),
+            extras={k: v[rows] for k, v in self.extras.items()},
         )
+
+    @classmethod
+    def cat(cls, parts: list[VisionTokens]) -> VisionTokens:
+        """Images of one geometry stacked into one batch (a missing `valid` counts as all valid)."""
+        first = parts[0]
+
+        def stack(name):
+            values = [getattr(p, name) for p in parts]
+            if all(v is None for v in values):
+                return None
+            if name == "valid":
+                values = [p.valid_or_all() for p in parts]
+            if any(v is None for v in values):
+                raise ValueError(f"VisionTokens.{name} is set for some images of a group and not for others")
+            return torch.cat(values)
+
+        return cls(feats=torch.cat([p.feats for p in parts]), pre=stack("pre"), cls_attn=stack("cls_attn"),
+                   valid=stack("valid"), grid=first.grid, prompt=stack("prompt"), prompt_mask=stack("prompt_mask"),
+                   extras={k: torch.cat([p.extras[k] for p in parts]) for k in first.extras})
+
+
+@dataclass
+class EncodedImages:
+    """The vision side of one call: every visual item (image, or video clip / frame) of the batch, grouped by
+    token geometry so that a stage-1 selector sees one N and one grid per call.
+
+    groups:    VisionTokens of the items sharing one (N, grid), each group's rows in batch order.
+    members:   for each group, (G_j,) long: which items (0 .. n_items-1, in the order the prompts use them)
+               its rows are.
+    token_ids: per item, the placeholder token id its tokens occupy in input_ids (image or video token).
+    Items appear in input_ids in this order within each placeholder kind; `VLMAdapter.visual_spans` matches them.
+    """
+
+    groups: list[VisionTokens]
+    members: list[torch.Tensor]
+    token_ids: list[int]
+
+    @classmethod
+    def from_items(cls, items: list[VisionTokens], token_ids: list[int]) -> EncodedImages:
+        """Group single-item VisionTokens (B = 1 each) by (N, grid), keeping first-seen group order."""
+        if len(items) != len(token_ids):
+            raise ValueError(f"{len(items)} encoded items but {len(token_ids)} placeholder ids")
+        keys: dict[tuple, list[int]] = {}
+        for i, item in enumerate(items):
+            keys.setdefault((item.num_tokens, item.grid), []).append(i)
+        device = items[0].feats.device if items else None
+        return cls(groups=[VisionTokens.cat([items[i] for i in idx]) for idx in keys.values()],
+                   members=[torch.tensor(idx, dtype=torch.long, device=device) for idx in keys.values()],
+                   token_ids=list(token_ids))
+
+    @classmethod
+    def uniform(cls, tokens: VisionTokens, token_id: int) -> EncodedImages:
+        """One group: every item has the same geometry (LLaVA-1.5)."""
+        members = torch.arange(tokens.batch_size, device=tokens.feats.device)
+        return cls(groups=[tokens], members=[members], token_ids=[token_id] * tokens.batch_size)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        """N_i of every item."""
+        out = [0] * self.num_items
+        for group, members in zip(self.groups, self.members, strict=True):
+            for i in members.tolist():
+                out[i] = group.num_tokens
+        return out
+
+    @property
+    def tokens(self) -> VisionTokens:
+        """All items as one VisionTokens, when they share one geometry (e.g. LLaVA-1.5); items in order."""
+        if len(self.groups) != 1:
+            raise ValueError(f"the items have {len(self.groups)} different token geometries "
+                             f"(N = {sorted({g.num_tokens for g in self.groups})}): use .groups")
+        order = torch.argsort(self.members[0])
+        return self.groups[0].index(order)
+
+    def items(self) -> list[VisionTokens]:
+        """Each item on its own (B = 1), in item order."""
+        out: list[VisionTokens | None] = [None] * self.num_items
+        for group, members in zip(self.groups, self.members, strict=True):
+            for row, i in enumerate(members.tolist()):
+                out[i] = group.index(slice(row, row + 1))
+        return out
+
+    def index(self, rows: torch.Tensor) -> EncodedImages:
+        """A selection (or repetition) of items, e.g. every item of a prompt twice for sampled selections."""
+        items = self.items()
+        picked = [int(r) for r in rows]
+        return EncodedImages.from_items([items[r] for r in picked], [self.token_ids[r] for r in picked])
+
+
+@dataclass
+class KeptItem:
+    """What stage 1 kept of one visual item (image, clip or frame), ready to splice.
+
+    index:     (n_i,) sorted indices of the kept tokens among the item's N_i tokens.
+    feats:     (n_i, D) their features (after the projector, scaled for straight-through training).
+    valid:     (n_i,) bool, False for kept padding tokens.
+    num_tokens: N_i; grid: (h_i, w_i) with h_i * w_i == N_i ((1, N_i) when the tokens form no grid).
+    token_id:  the placeholder id the item occupies in input_ids.
+    extras:    {name: (n_i, ...)} per-token tensors the adapter needs back (see `VisionTokens.extras`).
+    """
+
+    index: torch.Tensor
+    feats: torch.Tensor
+    valid: torch.Tensor
+    num_tokens: int
+    grid: tuple[int, int]
+    token_id: int
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
 class Spliced:
-    """Language-model inputs after stage 1.
+    """Language-model inputs after stage 1. Rows keep different numbers of tokens when their images differ; they
+    are left-padded to the longest ("filler" rows: attention_mask 0, `positions` -1).
 
     inputs_embeds:  (B, L1, D) text embeddings with the kept visual features in place.
-    attention_mask: (B, L1) 1 for real tokens, 0 for left padding.
+    attention_mask: (B, L1) 1 for real tokens, 0 for left padding and filler.
     position_ids:   original position ids of the surviving tokens: (B, L1), or (3, B, L1) for M-RoPE.
-    positions:      (B, L1) index of each surviving token in the original (unpruned) sequence.
-    vision_slots:   (B, M1) where the kept visual tokens sit in the spliced sequence.
-    vision_index:   (B, M1) index of each kept visual token among the row's M visual tokens (all its images).
-    vision_valid:   (B, M1) bool, False for padding tokens.
+    positions:      (B, L1) index of each surviving token in the original (unpruned) sequence, -1 for filler.
+    vision_slots:   (B, M1) where the kept visual tokens sit in the spliced sequence (0 for filler columns).
+    vision_index:   (B, M1) index of each kept visual token among its own item's N_i tokens.
+    vision_valid:   (B, M1) bool, False for padding tokens and filler columns.
+    vision_image:   (B, M1) long, which item of its row (in sequence order) each column belongs to; -1 = filler.
+    vision_item:    (B, M1) long, which item of the call (`EncodedImages` order) each column belongs to; -1 = filler.
+    vision_grid:    (B, M1, 2) long, the (h, w) grid of the column's item.
+    vision_extras:  {name: (B, M1, ...)} the kept tokens' extras (zeros in filler columns).
+    item_row:       (n_items,) the row of each item; item_image: (n_items,) its place among its row's items.
     key_bias:       (B, L1) additive attention bias per key (soft-mask training), or None.
     """
 
@@ -102,7 +220,31 @@ class Spliced:
     vision_slots: torch.Tensor
     vision_index: torch.Tensor
     vision_valid: torch.Tensor
+    vision_image: torch.Tensor
+    vision_item: torch.Tensor
+    vision_grid: torch.Tensor
+    item_row: torch.Tensor
+    item_image: torch.Tensor
+    vision_extras: dict[str, torch.Tensor] = field(default_factory=dict)
     key_bias: torch.Tensor | None = None
+
+
+def left_align(survive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack the True columns of each row of a (B, L) mask to the right of a (B, W) index, W = most kept per row.
+
+    Returns ((B, W) source column of each slot, -1 in the filler slots on the left; (B, L) slot of each source
+    column, -1 where dropped). Right alignment keeps every row's last token last (left padding).
+    """
+    bsz, length = survive.shape
+    counts = survive.sum(dim=1)
+    width = int(counts.max())
+    rows, cols = survive.nonzero(as_tuple=True)
+    slot = survive.long().cumsum(dim=1)[rows, cols] - 1 + (width - counts)[rows]
+    source = torch.full((bsz, width), -1, dtype=torch.long, device=survive.device)
+    source[rows, slot] = cols
+    slot_of = torch.full((bsz, length), -1, dtype=torch.long, device=survive.device)
+    slot_of[rows, cols] = slot
+    return source, slot_of
 
 
 def gather_last(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -160,6 +302,7 @@ class VLMAdapter(ABC):
     """
 
     model_types: tuple[str, ...] = ()
+    video_unit: str = "clip"  # the plan's `video`: a clip is one item, or each frame is ("frame")
 
     def __init__(self, model: nn.Module, processor=None):
         """`processor`: the processor (or image processor) the inputs are made with, or None. Adapters read from it
@@ -174,9 +317,15 @@ class VLMAdapter(ABC):
         """The placeholder token id the processor expands into N image tokens."""
 
     @property
-    @abstractmethod
-    def num_image_tokens(self) -> int:
-        """N: visual tokens per image."""
+    def num_image_tokens(self) -> int | None:
+        """N when every image has the same number of visual tokens (LLaVA-1.5), None when it varies per image."""
+        return None
+
+    vision_inputs: tuple[str, ...] = ("pixel_values", "image_sizes")
+    """The keyword inputs of a call that describe the visual items (consumed by the adapter, not passed on)."""
+
+    def has_vision(self, vision: dict) -> bool:
+        return any(vision.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
 
     @property
     @abstractmethod
@@ -191,129 +340,238 @@ class VLMAdapter(ABC):
         return self.model.get_input_embeddings()(input_ids)
 
     @abstractmethod
-    def encode(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisionTokens:
-        """Run the vision side once: (n_images, ...) pixels -> VisionTokens with B = n_images."""
+    def visual_items(self, vision: dict) -> list[tuple[int, int]]:
+        """(placeholder token id, N_i) of every visual item of a call, in `EncodedImages` order, from the inputs
+        alone (before the vision tower runs, so that count mismatches fail fast)."""
+
+    @abstractmethod
+    def encode_images(self, vision: dict) -> EncodedImages:
+        """Run the vision side once: the call's vision inputs -> every item's tokens, grouped by geometry."""
 
     @abstractmethod
     def default_position_ids(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, for_generation: bool
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, for_generation: bool, vision: dict
     ) -> torch.Tensor:
         """The position ids the HF model would use for this call when the caller passes none."""
 
-    @abstractmethod
+    def language_kwargs(self, spliced: Spliced) -> dict:
+        """Extra keyword inputs of the language model's prefill call for the spliced sequence (Qwen3-VL's
+        DeepStack features); injected by `PrunedVLM` with a pre-hook on `language_model()`."""
+        return {}
+
+    def check_stage2_layer(self, layer: int) -> None:
+        """Refuse a stage-2 layer K the family cannot prune at (any K in [1, L-1] by default)."""
+        return None
+
+    def language_model(self) -> nn.Module:
+        """The decoder stack (the module whose forward takes inputs_embeds and runs `language_layers`)."""
+        return self.model.model.language_model
+
     def attention_logits(
         self, layer_idx: int, hidden_states: torch.Tensor, position_embeddings, query_index: torch.Tensor
     ) -> torch.Tensor:
         """Scaled pre-softmax attention logits of layer `layer_idx` for a few query rows.
 
         hidden_states: (B, L, D) input of that decoder layer; query_index: (B, Q) rows to score.
-        Returns (B, H, Q, L), computed from the layer's own projections and RoPE (never an (L, L) matrix).
+        Returns (B, H, Q, L), computed from the layer's own norm, projections (and per-head q/k norms where the
+        family has them: Qwen3) and RoPE with the (cos, sin) the layer receives (M-RoPE already resolved to
+        (B, L, d) by the model's rotary module); never an (L, L) matrix.
         """
+        layer = self.language_layers()[layer_idx]
+        attn = layer.self_attn
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the family's own RoPE
+        x = layer.input_layernorm(hidden_states)
+        b, length, _ = x.shape
+        d = attn.head_dim
+        cos, sin = position_embeddings
+        xq = gather_last(x, query_index)
+        q = attn.q_proj(xq).view(b, xq.shape[1], -1, d)
+        k = attn.k_proj(x).view(b, length, -1, d)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q, _ = rope(q, q, gather_last(cos, query_index), gather_last(sin, query_index))
+        k, _ = rope(k, k, cos, sin)
+        k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
+        return (q @ k.transpose(-1, -2)) * attn.scaling
 
     # ---- generic -----------------------------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
         return len(self.language_layers())
 
-    def image_positions(self, input_ids: torch.Tensor, n_images: int) -> torch.Tensor:
-        """(B, M) sequence positions of the image tokens, M = images per row * N; validates the counts."""
-        is_image = input_ids == self.image_token_id
-        counts = is_image.sum(dim=1)
-        total, n = int(counts.sum()), self.num_image_tokens
-        if total == 0:
-            raise ValueError(
-                f"no image token (id {self.image_token_id}) in input_ids: the prompt must contain the image "
-                "placeholder expanded by the processor"
-            )
-        if total != n_images * n:
-            raise ValueError(
-                f"input_ids hold {total} image tokens but {n_images} image(s) x {n} tokens = {n_images * n} were "
-                "expected: the number of images does not match the image tokens"
-            )
-        if not bool((counts == counts[0]).all()):
-            raise ValueError(
-                f"every row of a batch must carry the same number of images; image tokens per row: {counts.tolist()}"
-            )
-        return is_image.nonzero()[:, 1].view(input_ids.shape[0], -1)
+    def visual_spans(self, input_ids: torch.Tensor, token_ids: list[int], lengths: list[int]
+                     ) -> list[tuple[int, torch.Tensor]]:
+        """(row, (N_i,) sequence positions) of every visual item, matching items to placeholder tokens in order:
+        items of one placeholder kind fill that kind's tokens row by row, left to right. Validates the counts."""
+        spans: list[tuple[int, torch.Tensor] | None] = [None] * len(token_ids)
+        for token_id in sorted(set(token_ids)):
+            items = [i for i, t in enumerate(token_ids) if t == token_id]
+            rows, cols = (input_ids == token_id).nonzero(as_tuple=True)
+            needed = sum(lengths[i] for i in items)
+            if rows.numel() == 0:
+                raise ValueError(f"no image token (id {token_id}) in input_ids: the prompt must contain the image "
+                                 "placeholder expanded by the processor")
+            if rows.numel() != needed:
+                raise ValueError(
+                    f"input_ids hold {rows.numel()} image tokens (id {token_id}) but the {len(items)} image(s) need "
+                    f"{needed} (N per image: {[lengths[i] for i in items]}): the number of images does not match "
+                    "the image tokens"
+                )
+            start = 0
+            for i in items:
+                row = rows[start:start + lengths[i]]
+                if bool((row != row[0]).any()):
+                    raise ValueError(f"image {i}'s {lengths[i]} tokens (id {token_id}) run over two prompts: the "
+                                     "images do not match the image tokens of each prompt")
+                spans[i] = (int(row[0]), cols[start:start + lengths[i]])
+                start += lengths[i]
+        return spans
 
     def splice(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
-        tokens: VisionTokens,
-        keep: torch.Tensor,
+        kept: list[KeptItem],
     ) -> Spliced:
-        """Drop the visual tokens not in `keep` ((n_images, n1) indices into N) and put the kept features in place.
+        """Drop the visual tokens stage 1 did not keep and put the kept features in place.
 
-        Kept tokens keep their ORIGINAL position ids, so RoPE sees the geometry of the unpruned prompt.
+        Kept tokens keep their ORIGINAL position ids, so RoPE sees the geometry of the unpruned prompt. Rows that
+        keep fewer tokens than others are left-padded.
         """
         bsz, seq_len = input_ids.shape
-        n = self.num_image_tokens
-        image_pos = self.image_positions(input_ids, tokens.batch_size)  # (B, M)
-        per_row = image_pos.shape[1] // n
-        n1 = keep.shape[1]
-        # index of each kept token among the row's M visual tokens (images of a row are consecutive in the batch)
-        offsets = (torch.arange(per_row, device=keep.device) * n).repeat_interleave(n1)
-        vision_index = keep.reshape(bsz, per_row * n1) + offsets
-        kept_pos = image_pos.gather(1, vision_index)
-
-        drop = torch.zeros(bsz, seq_len, dtype=torch.bool, device=input_ids.device)
-        drop.scatter_(1, image_pos, True)
-        drop.scatter_(1, kept_pos, False)
-        positions = (~drop).nonzero()[:, 1].view(bsz, -1)  # ascending: original order is preserved
+        device = input_ids.device
+        spans = self.visual_spans(input_ids, [k.token_id for k in kept], [k.num_tokens for k in kept])
+        survive = torch.ones(bsz, seq_len, dtype=torch.bool, device=device)
+        for (row, pos), item in zip(spans, kept, strict=True):
+            survive[row, pos] = False
+            survive[row, pos[item.index.to(device)]] = True
+        source, slot_of = left_align(survive)
+        filler = source < 0
+        src = source.clamp(min=0)
 
         embeds = self.embed_tokens(input_ids)
-        feats = tokens.feats[torch.arange(tokens.batch_size, device=keep.device).unsqueeze(1), keep]
-        embeds = embeds.index_put((torch.arange(bsz).unsqueeze(1).expand_as(kept_pos), kept_pos),
-                                  feats.reshape(bsz, -1, feats.shape[-1]).to(embeds.dtype))
+        rows = torch.cat([torch.full((k.index.numel(),), r, device=device) for (r, _), k in zip(spans, kept)])
+        cols = torch.cat([pos[k.index.to(device)] for (_, pos), k in zip(spans, kept)])
+        feats = torch.cat([k.feats for k in kept]).to(device=device, dtype=embeds.dtype)
+        embeds = embeds.index_put((rows, cols), feats)
 
-        slot_of = torch.full((bsz, seq_len), -1, dtype=torch.long, device=input_ids.device)
-        slot_of.scatter_(1, positions, torch.arange(positions.shape[1], device=input_ids.device).expand(bsz, -1))
-        valid = tokens.valid_or_all().gather(1, keep).reshape(bsz, -1)
+        # the items of each row in sequence order: their columns come out in ascending slot order
+        order = sorted(range(len(kept)), key=lambda i: (spans[i][0], int(spans[i][1][0])))
+        item_image = torch.zeros(len(kept), dtype=torch.long, device=device)
+        per_row: list[list[int]] = [[] for _ in range(bsz)]
+        for i in order:
+            item_image[i] = len(per_row[spans[i][0]])
+            per_row[spans[i][0]].append(i)
+
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+
+        def kept_of(i):
+            return empty if i is None else kept[i].index.to(device)
+
+        width = max(sum(kept[i].index.numel() for i in items) for items in per_row)
+
+        def col(fn, fill, extra_shape=(), dtype=torch.long):
+            out = torch.full((bsz, width, *extra_shape), fill, dtype=dtype, device=device)
+            for r, items in enumerate(per_row):
+                at = 0
+                for i in items:
+                    n = kept[i].index.numel()
+                    out[r, at:at + n] = fn(i)
+                    at += n
+            return out
+
+        slots = col(lambda i: slot_of[spans[i][0], spans[i][1][kept_of(i)]], 0)
+        extras = {name: col(lambda i, name=name: kept[i].extras[name].to(device), 0, value.shape[1:], value.dtype)
+                  for name, value in kept[0].extras.items()} if kept else {}
         return Spliced(
-            inputs_embeds=gather_last(embeds, positions),
-            attention_mask=gather_last(attention_mask, positions),
-            position_ids=gather_position_ids(position_ids, positions),
-            positions=positions,
-            vision_slots=slot_of.gather(1, kept_pos),
-            vision_index=vision_index,
-            vision_valid=valid,
+            inputs_embeds=gather_last(embeds, src),
+            attention_mask=gather_last(attention_mask, src).masked_fill(filler, 0),
+            position_ids=gather_position_ids(position_ids, src),
+            positions=source,
+            vision_slots=slots,
+            vision_index=col(kept_of, 0),
+            vision_valid=col(lambda i: kept[i].valid.to(device), False, dtype=torch.bool),
+            vision_image=col(lambda i: item_image[i].expand(kept[i].index.numel()), -1),
+            vision_item=col(lambda i: torch.full((kept[i].index.numel(),), i, device=device), -1),
+            vision_grid=col(lambda i: torch.tensor(kept[i].grid, device=device).expand(kept[i].index.numel(), 2),
+                            1, (2,)),
+            item_row=torch.tensor([r for r, _ in spans], dtype=torch.long, device=device),
+            item_image=item_image,
+            vision_extras=extras,
         )
 
-    def select_layer_rows(self, kwargs: dict, rows: torch.Tensor, full_len: int) -> dict:
+    def select_layer_rows(self, kwargs: dict, rows: torch.Tensor, full_len: int,
+                          filler: torch.Tensor | None = None, layer_idx: int = 0) -> dict:
         """Adapt one decoder layer's kwargs to a sequence whose rows (of `full_len`) were cut down to `rows`.
 
         Called for every layer at and after stage 2, in prefill (query rows and key columns both shrink) and in
         decoding (only the key columns of the cached prefill shrink; new tokens are appended after `full_len`).
+        `filler` (B, L2) marks left-padding rows of batches whose rows keep different counts: no real query ever
+        attends to them (the model may have skipped its mask when nothing was padded: it is built here then).
         """
         kwargs = dict(kwargs)
         cos_sin = kwargs.get("position_embeddings")
-        if cos_sin is not None and cos_sin[0].shape[-2] == full_len:
+        q_len = cos_sin[0].shape[-2] if cos_sin is not None else None
+        if q_len == full_len:
             kwargs["position_embeddings"] = tuple(gather_last(t, rows) for t in cos_sin)
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = gather_position_ids(kwargs["position_ids"], rows)
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor):
-            kwargs["attention_mask"] = _select_mask(mask, rows, full_len)
-        elif mask is not None:
+        if mask is not None and not isinstance(mask, torch.Tensor):
             raise ValueError(
                 f"stage-2 pruning cannot adapt an attention mask of type {type(mask).__name__}; use "
                 "attn_implementation='sdpa', 'eager' or a flash-attention backend"
             )
+        if mask is None and filler is not None and bool(filler.any()):
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            decoded = 0 if q_len == full_len or cache is None else cache.get_seq_length(layer_idx) - rows.shape[1]
+            mask = self._causal_mask(rows.shape[0], q_len, full_len + decoded + (0 if q_len == full_len else q_len),
+                                     cos_sin[0])
+        if mask is not None:
+            kwargs["attention_mask"] = _select_mask(mask, rows, full_len, filler)
         return kwargs
 
+    def _causal_mask(self, bsz: int, q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor:
+        """The plain causal mask the model skipped, in its attention implementation's form: (B, kv) ones for flash
+        attention, (B, 1, q, kv) bool for SDPA, additive for eager."""
+        impl = getattr(self.model.config.get_text_config(), "_attn_implementation", None) or "sdpa"
+        if "flash" in impl:
+            return torch.ones(bsz, kv_len, dtype=torch.long, device=like.device)
+        query_at = torch.arange(kv_len - q_len, kv_len, device=like.device)
+        allowed = torch.arange(kv_len, device=like.device).view(1, -1) <= query_at.view(-1, 1)
+        allowed = allowed.view(1, 1, q_len, kv_len).expand(bsz, 1, -1, -1)
+        if impl == "eager":
+            blocked = torch.full((), torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
+            return torch.where(allowed, torch.zeros_like(blocked), blocked)
+        return allowed
 
-def _select_mask(mask: torch.Tensor, rows: torch.Tensor, full_len: int) -> torch.Tensor:
-    """Keep the key columns (and, in prefill, query rows) of a 2-D or 4-D mask that survive stage 2."""
+
+def _select_mask(mask: torch.Tensor, rows: torch.Tensor, full_len: int, filler: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """Keep the key columns (and, in prefill, query rows) of a 2-D or 4-D mask that survive stage 2; filler
+    columns are masked for every query (a filler query row sees itself only, so no softmax row is empty)."""
     kv_len = mask.shape[-1]
     new = torch.arange(full_len, kv_len, device=rows.device).expand(rows.shape[0], -1)
     cols = torch.cat([rows, new], dim=1)
+    blocked = None
+    if filler is not None:
+        blocked = torch.cat([filler, torch.zeros_like(new, dtype=torch.bool)], dim=1)
     if mask.dim() == 2:
-        return mask.gather(1, cols)
+        mask = mask.gather(1, cols)
+        return mask if blocked is None else mask.masked_fill(blocked, 0)
     mask = mask.expand(rows.shape[0], -1, -1, -1)
     _, h, q, _ = mask.shape
     mask = mask.gather(3, cols[:, None, None, :].expand(-1, h, q, -1))
     if q == full_len:
         mask = mask.gather(2, rows[:, None, :, None].expand(-1, h, -1, mask.shape[-1]))
+    if blocked is None:
+        return mask
+    off = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    on = True if mask.dtype == torch.bool else 0.0
+    mask = mask.masked_fill(blocked[:, None, None, :], off)
+    if q == full_len:  # prefill: filler queries attend to themselves
+        eye = torch.eye(rows.shape[1], mask.shape[-1], dtype=torch.bool, device=mask.device)
+        mask = mask.masked_fill(eye & filler[:, None, :, None], on)
     return mask

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from modules.vlm.base import VisionTokens, VLMAdapter, box_valid_mask, gather_last
+from modules.vlm.base import EncodedImages, VisionTokens, VLMAdapter, box_valid_mask
 
 
 @dataclass(frozen=True)
@@ -130,6 +129,13 @@ class LlavaAdapter(VLMAdapter):
         return self.language_model.layers
 
     # ---- vision side -----------------------------------------------------------------------------------------
+    def visual_items(self, vision: dict) -> list[tuple[int, int]]:
+        return [(self.image_token_id, self.num_image_tokens)] * vision["pixel_values"].shape[0]
+
+    def encode_images(self, vision: dict) -> EncodedImages:
+        return EncodedImages.uniform(self.encode(vision["pixel_values"], vision.get("image_sizes")),
+                                     self.image_token_id)
+
     def _feature_layers(self) -> list[int]:
         layer = self.config.vision_feature_layer
         return [layer] if isinstance(layer, int) else list(layer)
@@ -201,27 +207,9 @@ class LlavaAdapter(VLMAdapter):
 
     # ---- language side ----------------------------------------------------------------------------------------
     def default_position_ids(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, for_generation: bool
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, for_generation: bool, vision: dict
     ) -> torch.Tensor:
         if for_generation:  # what GenerationMixin derives from the mask
             pos = attention_mask.long().cumsum(-1) - 1
             return pos.masked_fill(attention_mask == 0, 0)
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-
-    def attention_logits(
-        self, layer_idx: int, hidden_states: torch.Tensor, position_embeddings, query_index: torch.Tensor
-    ) -> torch.Tensor:
-        layer = self.language_layers()[layer_idx]
-        attn = layer.self_attn
-        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the family's own RoPE
-        x = layer.input_layernorm(hidden_states)
-        b, length, _ = x.shape
-        d = attn.head_dim
-        cos, sin = position_embeddings
-        xq = gather_last(x, query_index)
-        q = attn.q_proj(xq).view(b, xq.shape[1], -1, d).transpose(1, 2)
-        k = attn.k_proj(x).view(b, length, -1, d).transpose(1, 2)
-        q, _ = rope(q, q, gather_last(cos, query_index), gather_last(sin, query_index))
-        k, _ = rope(k, k, cos, sin)
-        k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
-        return (q @ k.transpose(-1, -2)) * attn.scaling
