@@ -386,3 +386,33 @@ def test_missing_mm_token_type_ids_raise(qwen):
     batch.pop("mm_token_type_ids")
     with pytest.raises(ValueError, match="mm_token_type_ids"):
         PrunedVLM(models["sdpa"], PruningPlan(**PLAN))(**batch)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_stage2_pads_rows_the_model_left_unpadded(qwen, family, impl):
+    """Rows without any padding keep equal counts after stage 1 but different counts after stage 2 (one 16-token
+    image vs two 8-token ones): the model built no mask (nothing was padded), so the filler rows stage 2 adds
+    must be masked by a mask built for them, in prefill and in every decoding step."""
+    processor, models = qwen
+    texts = [prompt(processor, 1, "red two and"), prompt(processor, 2, "red")]
+    patch = 2 * qwen_patch_size(family)  # one merged token
+    sizes = [(4 * patch, 4 * patch), (4 * patch, 2 * patch), (2 * patch, 4 * patch)]
+    batch = processor(images=images(sizes), text=texts, return_tensors="pt", padding=True)
+    assert bool(batch["attention_mask"].all())  # nothing to pad: the model's own mask is skipped
+    assert (batch["image_grid_thw"].prod(dim=1) // 4).tolist() == [16, 8, 8]
+    plan = dict(stage1="random", n1=0.5, stage2="fastv", n2=0.3, layer=LAYER)
+    with torch.no_grad():
+        out = PrunedVLM(models[impl], PruningPlan(**plan))(**batch)
+    assert out.pruning.budgets == {"stage1": [8, 4, 4], "stage2": [5, 2, 2]}
+    assert int((out.pruning.positions < 0).sum()) == 1  # row 1 keeps 4 visual tokens, row 0 keeps 5
+    _cache_free_check(models[impl], processor, batch, plan)
+    # the independent reference: each row alone has no filler row at all
+    pruned = PrunedVLM(models[impl], PruningPlan(**plan))
+    generated = pruned.generate(**batch, **generation(processor))[:, batch["input_ids"].shape[1]:]
+    for row, picked in enumerate(([0], [1, 2])):
+        single = processor(images=[images(sizes)[i] for i in picked], text=[texts[row]], return_tensors="pt")
+        with torch.no_grad():
+            alone = pruned(**single).logits[0, -1]
+        torch.testing.assert_close(alone, out.logits[row, -1], atol=1e-5, rtol=1e-5)
+        assert torch.equal(pruned.generate(**single, **generation(processor))[0, single["input_ids"].shape[1]:],
+                           generated[row])

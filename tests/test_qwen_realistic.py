@@ -191,7 +191,6 @@ def test_ratio_budgets_are_per_image_at_each_stage(family, stage1):
 
 # ---- 5. bf16 ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_bf16_keep_all_equals_unpruned_and_pruned_is_finite(family):
     model = copy.deepcopy(Q.model(family)).to(torch.bfloat16)
     batch = Q.batch(family, torch.bfloat16)

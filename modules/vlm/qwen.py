@@ -214,7 +214,7 @@ class QwenVLAdapter(VLMAdapter):
 
     def language_kwargs(self, spliced: Spliced) -> dict:
         """Qwen3-VL: the kept tokens' DeepStack features at the kept visual positions."""
-        features = None
+        features = spliced.vision_extras.get("deepstack")
         if features is None:
             return {}
         rows, columns = (spliced.vision_item >= 0).nonzero(as_tuple=True)
