@@ -169,25 +169,28 @@ def test_ratio_budgets_are_per_image_at_each_stage(qwen):
     assert resolve_budget(5, min(n_tokens)) == 5
 
 
-def test_stage1_equals_masking_the_dropped_tokens(qwen):
+def check_stage1_equals_masking(model, batch, n1: float, tol: float) -> None:
     """Dropping visual tokens == attending to none of them in the unpruned model at the original 3-D positions."""
+    pruned = PrunedVLM(model, PruningPlan(stage1="random", n1=n1))
+    with torch.no_grad():
+        out = pruned(**batch).logits
+        positions = pruned.last_positions
+        real = positions >= 0
+        kept_mask = torch.zeros_like(batch["attention_mask"])
+        kept_mask[real.nonzero()[:, 0], positions[real]] = 1
+        assert int(kept_mask.sum()) < int(batch["attention_mask"].sum())
+        original = pruned.adapter.default_position_ids(batch["input_ids"], batch["attention_mask"], False,
+                                                       dict(batch))
+        ref = model(**{**batch, "attention_mask": batch["attention_mask"] * kept_mask}, position_ids=original).logits
+    expected = ref.gather(1, positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
+    real &= batch["attention_mask"].gather(1, positions.clamp(min=0)).bool()
+    torch.testing.assert_close(out[real], expected[real], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_stage1_equals_masking_the_dropped_tokens(qwen, impl):
     processor, models = qwen
-    for impl, model in models.items():
-        batch = image_batch(processor)
-        pruned = PrunedVLM(model, PruningPlan(stage1="random", n1=0.5))
-        with torch.no_grad():
-            out = pruned(**batch).logits
-            positions = pruned.last_positions
-            real = positions >= 0
-            kept_mask = torch.zeros_like(batch["attention_mask"])
-            kept_mask[real.nonzero()[:, 0], positions[real]] = 1
-            original = pruned.adapter.default_position_ids(batch["input_ids"], batch["attention_mask"], False,
-                                                           dict(batch))
-            ref = model(**{**batch, "attention_mask": batch["attention_mask"] * kept_mask},
-                        position_ids=original).logits
-        expected = ref.gather(1, positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
-        real &= batch["attention_mask"].gather(1, positions.clamp(min=0)).bool()
-        torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5, msg=impl)
+    check_stage1_equals_masking(models[impl], image_batch(processor), 0.5, 1e-5)
 
 
 def generation(processor) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import qwen_realistic as Q
 import torch
+from test_qwen import _cache_free_check, check_stage1_equals_masking
 
 from modules.pruned_vlm import PrunedVLM, PruningPlan
 from modules.vlm import get_adapter
@@ -145,21 +146,7 @@ def test_features_and_mean_query_attention_at_real_geometry(family):
 
 def test_stage1_equals_masking_the_dropped_tokens(family):
     """Dropping visual tokens == attending to none of them in the unpruned model at the original 3-D positions."""
-    model, batch = Q.model(family), Q.batch(family)
-    pruned = PrunedVLM(model, PruningPlan(stage1="random", n1=0.4))
-    with torch.no_grad():
-        out = pruned(**batch).logits
-        positions = pruned.last_positions
-        real = positions >= 0
-        kept_mask = torch.zeros_like(batch["attention_mask"])
-        kept_mask[real.nonzero()[:, 0], positions[real]] = 1
-        assert int(kept_mask.sum()) < int(batch["attention_mask"].sum())
-        original = pruned.adapter.default_position_ids(batch["input_ids"], batch["attention_mask"], False,
-                                                       dict(batch))
-        ref = model(**{**batch, "attention_mask": batch["attention_mask"] * kept_mask}, position_ids=original).logits
-    expected = ref.gather(1, positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
-    real &= batch["attention_mask"].gather(1, positions.clamp(min=0)).bool()
-    torch.testing.assert_close(out[real], expected[real], atol=1e-4, rtol=1e-4)
+    check_stage1_equals_masking(Q.model(family), Q.batch(family), 0.4, 1e-4)
 
 
 # ---- 4. ratio budgets -------------------------------------------------------------------------------------------
@@ -209,6 +196,4 @@ def test_bf16_keep_all_equals_unpruned_and_pruned_is_finite(family):
 
 @pytest.mark.slow
 def test_cached_generate_equals_cache_free_recompute(family):
-    from test_qwen import _cache_free_check
-
     _cache_free_check(Q.model(family), Q.processor(family), Q.batch(family), PLAN)
