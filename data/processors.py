@@ -1,9 +1,11 @@
-"""`load_processor`: AutoProcessor, except for Qwen-VL processors whose video processor cannot be built.
+"""`load_processor`: AutoProcessor, except for Qwen-VL / LLaVA-OneVision processors whose video processor cannot be
+built.
 
-Qwen2-VL / Qwen2.5-VL / Qwen3-VL processors carry a video processor, and Qwen's video processors import torchvision,
-which learnprune does not depend on (it prunes images only). Without torchvision `AutoProcessor.from_pretrained`
-of such a directory silently returns the bare tokenizer (no image processing at all), and the images-only tiny
-processors of `data/tiny.py` (saved by `python -m data.tiny --family ...`) name classes AutoProcessor does not know.
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL and LLaVA-OneVision processors carry a video processor, and their video processors
+import torchvision, which learnprune does not depend on (it prunes images only). Without torchvision
+`AutoProcessor.from_pretrained` of such a directory silently returns the bare tokenizer (no image processing at all)
+or fails, and the images-only tiny processors of `data/tiny.py` (saved by `python -m data.tiny --family ...`, or
+`tiny_llava_onevision_processor().save_pretrained`) name classes AutoProcessor does not know.
 Both cases load here as the images-only processor class (`video_processor=None`); everything else goes through
 AutoProcessor unchanged.
 """
@@ -40,13 +42,16 @@ def _processor_class_name(name_or_path: str | Path, **kwargs) -> str | None:
 
 def images_only_processor_class(class_name: str | None):
     """The images-only processor class to load `class_name` with, or None when AutoProcessor can load it."""
-    from data.tiny import _QWEN_PROCESSORS
+    from data.tiny import _QWEN_PROCESSORS, TinyLlavaOnevisionProcessor
 
-    by_name = {cls.__name__: cls for cls in _QWEN_PROCESSORS.values()}
+    by_name = {cls.__name__: cls for cls in (*_QWEN_PROCESSORS.values(), TinyLlavaOnevisionProcessor)}
     if class_name in by_name:
         return by_name[class_name]
-    if class_name in _STOCK_QWEN and importlib.util.find_spec("torchvision") is None:
-        return _QWEN_PROCESSORS[_STOCK_QWEN[class_name]]
+    if importlib.util.find_spec("torchvision") is None:
+        if class_name in _STOCK_QWEN:
+            return _QWEN_PROCESSORS[_STOCK_QWEN[class_name]]
+        if class_name == "LlavaOnevisionProcessor":
+            return TinyLlavaOnevisionProcessor
     return None
 
 

@@ -39,11 +39,20 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
@@ -51,6 +60,7 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
+    SiglipVisionConfig,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
@@ -80,19 +90,22 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
-    """A whitespace/punctuation word-level tokenizer over `words` plus the special tokens."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+def tiny_tokenizer(words: Sequence[str] = DEFAULT_WORDS, video_token: str | None = None) -> PreTrainedTokenizerFast:
+    """A whitespace/punctuation word-level tokenizer over `words` plus the special tokens; `video_token` (e.g.
+    "<video>", which LLaVA-OneVision's processor and config name) adds one more special token after them."""
+    specials = SPECIAL_TOKENS + ((video_token,) if video_token else ())
+    vocab = {tok: i for i, tok in enumerate(specials)}
     for w in words:
         vocab.setdefault(w, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                                   pre_tokenizers.Punctuation(behavior="isolated")])
+    named = {"image_token": "<image>", **({"video_token": video_token} if video_token else {})}
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        padding_side="left", extra_special_tokens={"image_token": "<image>"},
+        padding_side="left", extra_special_tokens=named,
     )
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.add_special_tokens({"additional_special_tokens": list(named.values())})
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -326,6 +339,162 @@ def tiny_qwen(family: str, tokenizer: PreTrainedTokenizerFast | None = None, see
            "qwen3_vl": Qwen3VLForConditionalGeneration}[family]
     torch.manual_seed(seed)
     model = cls(cfg).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+# -- tiny LLaVA-NeXT / LLaVA-OneVision (AnyRes) --------------------------------------------------------------------
+# The families' real processor classes and random tiny models at a 32-pixel tile (patch 8: 4 x 4 = 16 tokens per
+# tile), with the real grid pinpoints scaled by 32 / 336 (LLaVA-NeXT) and 32 / 384 (LLaVA-OneVision). Each image
+# is a base view (the whole image resized to one tile) plus the tiles of its best grid resolution; the model packs
+# the base view's 16 tokens, then the tiles' tokens laid out as one feature map, unpadded to the image's aspect
+# ratio, with one image_newline after each row (OneVision: bilinearly shrunk first when larger than
+# anyres_max_N tiles). The processors expand each <image> to exactly that count.
+
+LLAVA_NEXT_TILE = 32
+LLAVA_NEXT_PATCH = 8
+# llava-hf/llava-v1.6-*: [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]] (height, width), 336 -> 32.
+LLAVA_NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+# llava-hf/llava-onevision-*: 384 x {1..6} by 384 x {1..6} (height, width), 384 -> 32.
+LLAVA_ONEVISION_PINPOINTS = [[32 * h, 32 * w] for h in range(1, 7) for w in range(1, 7)]
+
+
+def _tiny_llama_text(tokenizer: PreTrainedTokenizerFast, text_hidden: int, text_layers: int, heads: int,
+                     kv_heads: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=text_hidden * 2,
+        num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+
+
+def tiny_llava_next_processor(tokenizer: PreTrainedTokenizerFast | None = None, tile: int = LLAVA_NEXT_TILE,
+                              patch_size: int = LLAVA_NEXT_PATCH,
+                              image_grid_pinpoints: Sequence[Sequence[int]] = tuple(LLAVA_NEXT_PINPOINTS),
+                              ) -> LlavaNextProcessor:
+    """A real LlavaNextProcessor over LlavaNextImageProcessorPil at `tile`-pixel tiles (llava-hf's processing at
+    336 pixels, scaled: shortest edge to `tile`, centre crop `tile` x `tile`, CLIP mean/std), CLIP's one extra [CLS]
+    token and the "default" strategy: <image> becomes base (tile / patch)^2 + unpadded tile tokens + one newline
+    per unpadded row."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+        image_grid_pinpoints=[list(p) for p in image_grid_pinpoints],
+    )
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=CHAT_TEMPLATE)
+
+
+def tiny_llava_next_config(tokenizer: PreTrainedTokenizerFast, tile: int = LLAVA_NEXT_TILE,
+                           patch_size: int = LLAVA_NEXT_PATCH,
+                           image_grid_pinpoints: Sequence[Sequence[int]] = tuple(LLAVA_NEXT_PINPOINTS),
+                           vision_hidden: int = 32, vision_layers: int = 3, text_hidden: int = 64,
+                           text_layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                           attn_implementation: str = "sdpa") -> LlavaNextConfig:
+    """A tiny LlavaNextConfig: CLIP vision (`tile`-pixel images, `patch_size` patches, features of layer -2 without
+    [CLS]), a Llama text model, `image_grid_pinpoints` as the processor's."""
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
+        num_attention_heads=heads, image_size=tile, patch_size=patch_size, projection_dim=vision_hidden,
+    )
+    cfg = LlavaNextConfig(
+        vision_config=vision, text_config=_tiny_llama_text(tokenizer, text_hidden, text_layers, heads, kv_heads),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_grid_pinpoints=[list(p) for p in image_grid_pinpoints],
+        image_seq_length=(tile // patch_size) ** 2, tie_word_embeddings=False,
+    )
+    cfg.pad_token_id = tokenizer.pad_token_id
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def tiny_llava_next(tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0,
+                    attn_implementation: str = "sdpa", **config_kwargs) -> LlavaNextForConditionalGeneration:
+    """A randomly initialised LlavaNextForConditionalGeneration (see `tiny_llava_next_config`), in eval mode."""
+    import torch
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    cfg = tiny_llava_next_config(tokenizer, attn_implementation=attn_implementation, **config_kwargs)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+class TinyLlavaOnevisionProcessor(_ImagesOnly, LlavaOnevisionProcessor):
+    """LlavaOnevisionProcessor without a video processor."""
+
+
+def tiny_llava_onevision_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
+    """`tiny_tokenizer` with a `<video>` special token (LLaVA-OneVision's processor and config name one)."""
+    return tiny_tokenizer(words, video_token="<video>")
+
+
+def tiny_llava_onevision_processor(tokenizer: PreTrainedTokenizerFast | None = None, tile: int = LLAVA_NEXT_TILE,
+                                   patch_size: int = LLAVA_NEXT_PATCH,
+                                   image_grid_pinpoints: Sequence[Sequence[int]] = tuple(LLAVA_ONEVISION_PINPOINTS),
+                                   vision_aspect_ratio: str = "anyres_max_9") -> TinyLlavaOnevisionProcessor:
+    """The real LlavaOnevisionProcessor (images only) over LlavaOnevisionImageProcessorPil at `tile`-pixel tiles
+    (llava-hf's processing at 384 pixels, scaled: resize to `tile` x `tile`, SigLIP mean/std 0.5), no [CLS], the
+    "full" strategy. A prompt's single image becomes base (tile / patch)^2 + unpadded (anyres_max-capped) tile
+    tokens + one newline per row; each image of a multi-image prompt (images=[[a, b], ...]) only its base view and
+    one newline."""
+    tokenizer = tokenizer or tiny_llava_onevision_tokenizer()
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": tile, "width": tile}, image_grid_pinpoints=[list(p) for p in image_grid_pinpoints],
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    return TinyLlavaOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+        num_image_tokens=(tile // patch_size) ** 2, vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_llava_onevision_config(tokenizer: PreTrainedTokenizerFast, tile: int = LLAVA_NEXT_TILE,
+                                patch_size: int = LLAVA_NEXT_PATCH,
+                                image_grid_pinpoints: Sequence[Sequence[int]] = tuple(LLAVA_ONEVISION_PINPOINTS),
+                                vision_aspect_ratio: str = "anyres_max_9", vision_hidden: int = 32,
+                                vision_layers: int = 3, text_hidden: int = 64, text_layers: int = 4, heads: int = 4,
+                                kv_heads: int = 2, attn_implementation: str = "sdpa") -> LlavaOnevisionConfig:
+    """A tiny LlavaOnevisionConfig: SigLIP vision without its head (`tile`-pixel images, `patch_size` patches, no
+    [CLS], last layer, "full" strategy), a Qwen2 text model, the processor's pinpoints and `vision_aspect_ratio`."""
+    vision = SiglipVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
+        num_attention_heads=heads, image_size=tile, patch_size=patch_size, vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=text_hidden * 2,
+        num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", image_grid_pinpoints=[list(p) for p in image_grid_pinpoints],
+        vision_aspect_ratio=vision_aspect_ratio, tie_word_embeddings=False,
+    )
+    cfg.pad_token_id = tokenizer.pad_token_id
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def tiny_llava_onevision(tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0,
+                         attn_implementation: str = "sdpa",
+                         **config_kwargs) -> LlavaOnevisionForConditionalGeneration:
+    """A randomly initialised LlavaOnevisionForConditionalGeneration (see `tiny_llava_onevision_config`), in eval
+    mode, over `tiny_llava_onevision_tokenizer`'s vocabulary."""
+    import torch
+
+    tokenizer = tokenizer or tiny_llava_onevision_tokenizer()
+    cfg = tiny_llava_onevision_config(tokenizer, attn_implementation=attn_implementation, **config_kwargs)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
