@@ -1,8 +1,10 @@
 """Tiny models built in code and a tiny synthetic workspace for smoke-scale training runs.
 
 The builders (`tiny_tokenizer`, `tiny_llava_config`, `tiny_llava`, `tiny_llava_processor`; for Qwen2-VL,
-Qwen2.5-VL and Qwen3-VL `tiny_qwen_tokenizer`, `tiny_qwen_processor(family)`, `tiny_qwen(family)`) make random tiny
-models, word-level tokenizers and real processors with no hub and no network; the tests, ToyWorld and the
+Qwen2.5-VL and Qwen3-VL `tiny_qwen_tokenizer`, `tiny_qwen_processor(family)`, `tiny_qwen(family)`; for the AnyRes
+families `tiny_llava_next_processor` / `tiny_llava_next` and `tiny_llava_onevision_tokenizer` /
+`tiny_llava_onevision_processor` / `tiny_llava_onevision`) make random tiny models, word-level tokenizers and real
+processors with no hub and no network; the tests, ToyWorld and the
 workspace writer use them. The workspace is a random tiny LLaVA saved with its processor, and LLaVA-format JSON
 splits over small images of coloured shapes.
 

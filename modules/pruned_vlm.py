@@ -424,8 +424,8 @@ class PrunedVLM(nn.Module):
             position_ids = self.adapter.default_position_ids(input_ids, attention_mask, for_generation, vision)
         if encoded is None:
             encoded = self.encode(**vision)
-        elif encoded.lengths != [n for _, n in layout]:
-            raise ValueError(f"vision_tokens hold items of {encoded.lengths} tokens, the inputs describe "
+        elif encoded.run_lengths != [n for _, n in layout]:
+            raise ValueError(f"vision_tokens hold items of {encoded.run_lengths} tokens, the inputs describe "
                              f"{[n for _, n in layout]}")
         if getattr(self.selector, "reads_prompt", False):
             encoded = self.attach_prompt(encoded, input_ids, attention_mask, prompt_end)
@@ -458,7 +458,7 @@ class PrunedVLM(nn.Module):
                       prompt_end: torch.Tensor | None = None) -> EncodedImages:
         """Give each item the input embeddings of its prompt's text tokens (for question-aware selectors): the
         tokens up to `prompt_end` (B,) when given, so that a training sequence's answer is never read."""
-        spans = self.adapter.visual_spans(input_ids, encoded.token_ids, encoded.lengths)
+        spans = self.adapter.visual_spans(input_ids, encoded.token_ids, encoded.run_lengths)
         item_rows = torch.tensor([row for row, _ in spans], device=input_ids.device)
         visual = torch.zeros_like(input_ids, dtype=torch.bool)
         for token_id in set(encoded.token_ids):
@@ -520,7 +520,8 @@ class PrunedVLM(nn.Module):
                     feats = feats * stage1.scale[item].unsqueeze(-1).to(feats.dtype)
                 items[item] = KeptItem(index=keep, feats=feats, valid=valid[row, keep], num_tokens=tokens.num_tokens,
                                        grid=grid, token_id=encoded.token_ids[item],
-                                       extras={k: v[row, keep] for k, v in tokens.extras.items()})
+                                       extras={k: v[row, keep] for k, v in tokens.extras.items()},
+                                       pinned=encoded.pinned[item])
         return items
 
     # ---- stage 2 ---------------------------------------------------------------------------------------------

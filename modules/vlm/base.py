@@ -101,6 +101,22 @@ class VisionTokens:
 
 
 @dataclass
+class Pinned:
+    """Placeholder tokens of an item that are not visual content and always stay (LLaVA-NeXT's image_newline
+    after each row of tiles): they are neither selected nor counted in budgets, and splice as fixed features.
+
+    run_length: the item's placeholder tokens in input_ids (content + pinned).
+    content_at: (N_i,) where the item's content tokens (the VisionTokens rows, in order) sit in that run.
+    pinned_at:  (P,) where the pinned ones sit; feats: (P, D) their features.
+    """
+
+    run_length: int
+    content_at: torch.Tensor
+    pinned_at: torch.Tensor
+    feats: torch.Tensor
+
+
+@dataclass
 class EncodedImages:
     """The vision side of one call: every visual item (image, or video clip / frame) of the batch, grouped by
     token geometry so that a stage-1 selector sees one N and one grid per call.
@@ -109,15 +125,22 @@ class EncodedImages:
     members:   for each group, (G_j,) long: which items (0 .. n_items-1, in the order the prompts use them)
                its rows are.
     token_ids: per item, the placeholder token id its tokens occupy in input_ids (image or video token).
+    pinned:    per item, its `Pinned` tokens, or None when every placeholder token is content (the default).
     Items appear in input_ids in this order within each placeholder kind; `VLMAdapter.visual_spans` matches them.
     """
 
     groups: list[VisionTokens]
     members: list[torch.Tensor]
     token_ids: list[int]
+    pinned: list[Pinned | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.pinned:
+            self.pinned = [None] * len(self.token_ids)
 
     @classmethod
-    def from_items(cls, items: list[VisionTokens], token_ids: list[int]) -> EncodedImages:
+    def from_items(cls, items: list[VisionTokens], token_ids: list[int],
+                   pinned: list[Pinned | None] | None = None) -> EncodedImages:
         """Group single-item VisionTokens (B = 1 each) by (N, grid), keeping first-seen group order."""
         if len(items) != len(token_ids):
             raise ValueError(f"{len(items)} encoded items but {len(token_ids)} placeholder ids")
@@ -127,7 +150,7 @@ class EncodedImages:
         device = items[0].feats.device if items else None
         return cls(groups=[VisionTokens.cat([items[i] for i in idx]) for idx in keys.values()],
                    members=[torch.tensor(idx, dtype=torch.long, device=device) for idx in keys.values()],
-                   token_ids=list(token_ids))
+                   token_ids=list(token_ids), pinned=list(pinned) if pinned else [])
 
     @classmethod
     def uniform(cls, tokens: VisionTokens, token_id: int) -> EncodedImages:
@@ -147,6 +170,11 @@ class EncodedImages:
             for i in members.tolist():
                 out[i] = group.num_tokens
         return out
+
+    @property
+    def run_lengths(self) -> list[int]:
+        """Placeholder tokens of every item in input_ids (N_i plus its pinned tokens)."""
+        return [n if p is None else p.run_length for n, p in zip(self.lengths, self.pinned, strict=True)]
 
     @property
     def tokens(self) -> VisionTokens:
@@ -169,7 +197,8 @@ class EncodedImages:
         """A selection (or repetition) of items, e.g. every item of a prompt twice for sampled selections."""
         items = self.items()
         picked = [int(r) for r in rows]
-        return EncodedImages.from_items([items[r] for r in picked], [self.token_ids[r] for r in picked])
+        return EncodedImages.from_items([items[r] for r in picked], [self.token_ids[r] for r in picked],
+                                        [self.pinned[r] for r in picked])
 
 
 @dataclass
@@ -182,6 +211,7 @@ class KeptItem:
     num_tokens: N_i; grid: (h_i, w_i) with h_i * w_i == N_i ((1, N_i) when the tokens form no grid).
     token_id:  the placeholder id the item occupies in input_ids.
     extras:    {name: (n_i, ...)} per-token tensors the adapter needs back (see `VisionTokens.extras`).
+    pinned:    the item's always-kept non-content placeholder tokens, or None.
     """
 
     index: torch.Tensor
@@ -191,6 +221,11 @@ class KeptItem:
     grid: tuple[int, int]
     token_id: int
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    pinned: Pinned | None = None
+
+    @property
+    def run_length(self) -> int:
+        return self.num_tokens if self.pinned is None else self.pinned.run_length
 
 
 @dataclass
@@ -341,8 +376,8 @@ class VLMAdapter(ABC):
 
     @abstractmethod
     def visual_items(self, vision: dict) -> list[tuple[int, int]]:
-        """(placeholder token id, N_i) of every visual item of a call, in `EncodedImages` order, from the inputs
-        alone (before the vision tower runs, so that count mismatches fail fast)."""
+        """(placeholder token id, placeholder tokens: N_i plus any pinned ones) of every visual item of a call, in
+        `EncodedImages` order, from the inputs alone (before the vision tower runs: mismatches fail fast)."""
 
     @abstractmethod
     def encode_images(self, vision: dict) -> EncodedImages:
@@ -442,7 +477,9 @@ class VLMAdapter(ABC):
         """
         bsz, seq_len = input_ids.shape
         device = input_ids.device
-        spans = self.visual_spans(input_ids, [k.token_id for k in kept], [k.num_tokens for k in kept])
+        runs = self.visual_spans(input_ids, [k.token_id for k in kept], [k.run_length for k in kept])
+        spans = [(row, run if k.pinned is None else run[k.pinned.content_at.to(device)])
+                 for (row, run), k in zip(runs, kept, strict=True)]
         survive = torch.ones(bsz, seq_len, dtype=torch.bool, device=device)
         for (row, pos), item in zip(spans, kept, strict=True):
             survive[row, pos] = False
@@ -456,6 +493,9 @@ class VLMAdapter(ABC):
         cols = torch.cat([pos[k.index.to(device)] for (_, pos), k in zip(spans, kept)])
         feats = torch.cat([k.feats for k in kept]).to(device=device, dtype=embeds.dtype)
         embeds = embeds.index_put((rows, cols), feats)
+        for (row, run), item in zip(runs, kept, strict=True):  # pinned tokens: fixed features, always kept
+            if item.pinned is not None:
+                embeds[row, run[item.pinned.pinned_at.to(device)]] = item.pinned.feats.to(device, embeds.dtype)
 
         # the items of each row in sequence order: their columns come out in ascending slot order
         order = sorted(range(len(kept)), key=lambda i: (spans[i][0], int(spans[i][1][0])))
