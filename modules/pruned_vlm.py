@@ -216,12 +216,6 @@ def stack_if_equal(parts: list[torch.Tensor]) -> torch.Tensor | list[torch.Tenso
     return list(parts)
 
 
-def model_vision_inputs(vision: dict) -> dict:
-    """The visual inputs to hand the unpruned model: all but `image_sizes`, which tells learnprune the original
-    image sizes (padding validity) and means something else to some models (LLaVA's anyres path)."""
-    return {k: v for k, v in vision.items() if k != "image_sizes"}
-
-
 def labels_at(labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The label each output row predicts: row p predicts the token at p + 1 of the UNPRUNED sequence (not the
     next surviving row's token); filler rows (position -1) predict nothing (-100)."""
@@ -320,6 +314,10 @@ class PrunedVLM(nn.Module):
         rest = {k: v for k, v in kwargs.items() if k not in self.adapter.vision_inputs}
         return vision, rest
 
+    def model_vision_inputs(self, vision: dict) -> dict:
+        """The visual inputs to hand the unpruned model (without those only learnprune reads)."""
+        return {k: v for k, v in vision.items() if k not in self.adapter.private_inputs}
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, prompt_end=None,
                 vision_tokens: EncodedImages | None = None, **kwargs):
         """`prompt_end` (B,): index of the last prompt token when the sequence also holds the answer (training),
@@ -328,7 +326,7 @@ class PrunedVLM(nn.Module):
         vision, rest = self.split_vision(kwargs)
         if self.plan.is_noop or not self.adapter.has_vision(vision):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              labels=labels, **rest, **model_vision_inputs(vision))
+                              labels=labels, **rest, **self.model_vision_inputs(vision))
         spliced, stage1, budgets = self.prepare(input_ids, attention_mask, position_ids, vision,
                                                 for_generation=False, encoded=vision_tokens, prompt_end=prompt_end)
         mask = spliced.attention_mask
@@ -369,7 +367,7 @@ class PrunedVLM(nn.Module):
         vision, rest = self.split_vision(kwargs)
         if self.plan.is_noop or not self.adapter.has_vision(vision):
             return generate(self.model, input_ids=input_ids, attention_mask=attention_mask, **rest,
-                            **model_vision_inputs(vision))
+                            **self.model_vision_inputs(vision))
         if self.scorer is not None:
             self._check_dynamic_cache(rest)
         spliced, stage1, budgets = self.prepare(input_ids, attention_mask, position_ids, vision,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("modules", "data", "trainer")
-ADAPTER_FILES = {"__init__.py", "base.py", "llava.py", "qwen.py"}  # base + one file per model family
+ADAPTER_FILES = {"__init__.py", "base.py", "llava.py", "llava_next.py", "qwen.py"}  # base + one file per model family
 
 
 def module_name(path: Path) -> str:

@@ -6,6 +6,7 @@ from torch import nn
 
 from modules.vlm.base import Spliced, VisionTokens, VLMAdapter
 from modules.vlm.llava import LlavaAdapter
+from modules.vlm.llava_next import AnyResAdapter
 from modules.vlm.qwen import QwenVLAdapter
 
 ADAPTERS: dict[str, type[VLMAdapter]] = {}
@@ -19,6 +20,7 @@ def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:
 
 register_adapter(LlavaAdapter)
 register_adapter(QwenVLAdapter)
+register_adapter(AnyResAdapter)
 
 
 def get_adapter(model: nn.Module, processor=None) -> VLMAdapter:

@@ -282,6 +282,23 @@ def left_align(survive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return source, slot_of
 
 
+_SCORE_CHUNK = 1 << 24  # elements of one (heads, queries, keys) attention block
+
+
+def mean_query_attention(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(L,) the mean over queries and heads of softmax(q k^T * scaling) for one attention segment: what a vision
+    tower without [CLS] attends to. q, k: (H, L, d) after the layer's own norm, projections and rotary embedding.
+    Computed in query chunks, so no (L, L) matrix per head is ever held whole."""
+    heads, length, _ = q.shape
+    q, k = q.float(), k.float()
+    chunk = max(1, _SCORE_CHUNK // (heads * length))
+    total = torch.zeros(length, dtype=torch.float32, device=q.device)
+    for lo in range(0, length, chunk):
+        logits = (q[:, lo:lo + chunk] @ k.transpose(-1, -2)) * scaling
+        total += torch.softmax(logits, dim=-1).sum(dim=(0, 1))
+    return total / (length * heads)
+
+
 def gather_last(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather along the sequence dim of batch-first (B, L) or (B, L, D) tensors with a (B, L') index."""
     if t.dim() == 2:
@@ -358,6 +375,8 @@ class VLMAdapter(ABC):
 
     vision_inputs: tuple[str, ...] = ("pixel_values", "image_sizes")
     """The keyword inputs of a call that describe the visual items (consumed by the adapter, not passed on)."""
+    private_inputs: tuple[str, ...] = ()
+    """Those of `vision_inputs` that only learnprune reads (the unpruned model must not receive them)."""
 
     def has_vision(self, vision: dict) -> bool:
         return any(vision.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))

@@ -86,6 +86,35 @@ def pad_to_square_valid_mask(
     return box_valid_mask(box, (grid, grid), frame, threshold)
 
 
+def cls_attention(layers: nn.ModuleList, hidden: tuple[torch.Tensor, ...], feature_layer: int,
+                  drop_cls: int) -> torch.Tensor:
+    """(B, N) [CLS]-to-patch attention of the CLIP layer that produces hidden[feature_layer], mean over heads.
+
+    Recomputed from that layer's input with its own layer norm and q/k projections: one query row, so the tower
+    keeps running with SDPA/flash attention.
+    """
+    n_layers = len(hidden) - 1
+    layer_idx = (feature_layer % (n_layers + 1)) - 1
+    if layer_idx < 0:
+        raise ValueError(f"vision_feature_layer {feature_layer} selects the embeddings: no attention to read")
+    layer = layers[layer_idx]
+    attn = layer.self_attn
+    x = layer.layer_norm1(hidden[layer_idx])
+    b, length, _ = x.shape
+    q = attn.q_proj(x[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+    probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1)  # (B, H, 1, L)
+    return probs.mean(dim=1)[:, 0, drop_cls:]
+
+
+def text_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, for_generation: bool) -> torch.Tensor:
+    """1-D RoPE positions as the HF model derives them: from the mask in generate(), 0..L-1 in a forward."""
+    if for_generation:  # what GenerationMixin derives from the mask
+        pos = attention_mask.long().cumsum(-1) - 1
+        return pos.masked_fill(attention_mask == 0, 0)
+    return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+
+
 def _as_dict(size) -> dict:
     if size is None:
         return {}
@@ -96,6 +125,7 @@ def _as_dict(size) -> dict:
 
 class LlavaAdapter(VLMAdapter):
     model_types = ("llava",)
+    private_inputs = ("image_sizes",)  # the original sizes, for validity; LLaVA's forward reads no such input
 
     def __init__(self, model: nn.Module, processor=None):
         super().__init__(model, processor)
@@ -146,32 +176,13 @@ class LlavaAdapter(VLMAdapter):
         layers = self._feature_layers()
         pre = torch.cat([hidden[i][:, self._drop_cls:] for i in layers], dim=-1)
         feats = self.projector(pre)
-        cls_attn = self._cls_attention(hidden, layers[-1])
+        cls_attn = cls_attention(self._vision_layers(), hidden, layers[-1], self._drop_cls)
         n_img = pixel_values.shape[0]
         valid = None
         if image_sizes is not None:
             valid = self._pad_valid(image_sizes, n_img, pixel_values.device)
         grid = (self.patch_grid, self.patch_grid) if self._drop_cls else None
         return VisionTokens(feats=feats, pre=pre, cls_attn=cls_attn, valid=valid, grid=grid)
-
-    def _cls_attention(self, hidden: tuple[torch.Tensor, ...], feature_layer: int) -> torch.Tensor:
-        """[CLS]-to-patch attention of the layer that produces hidden[feature_layer], mean over heads.
-
-        Recomputed from that layer's input with its own layer norm and q/k projections: one query row, so the
-        tower keeps running with SDPA/flash attention.
-        """
-        n_layers = len(hidden) - 1
-        layer_idx = (feature_layer % (n_layers + 1)) - 1
-        if layer_idx < 0:
-            raise ValueError(f"vision_feature_layer {feature_layer} selects the embeddings: no attention to read")
-        layer = self._vision_layers()[layer_idx]
-        attn = layer.self_attn
-        x = layer.layer_norm1(hidden[layer_idx])
-        b, length, _ = x.shape
-        q = attn.q_proj(x[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-        probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1)  # (B, H, 1, L)
-        return probs.mean(dim=1)[:, 0, self._drop_cls:]
 
     def _vision_layers(self) -> nn.ModuleList:
         tower = getattr(self.vision_tower, "vision_model", self.vision_tower)  # older layouts nest it
@@ -209,7 +220,4 @@ class LlavaAdapter(VLMAdapter):
     def default_position_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, for_generation: bool, vision: dict
     ) -> torch.Tensor:
-        if for_generation:  # what GenerationMixin derives from the mask
-            pos = attention_mask.long().cumsum(-1) - 1
-            return pos.masked_fill(attention_mask == 0, 0)
-        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        return text_position_ids(input_ids, attention_mask, for_generation)

@@ -25,16 +25,16 @@ import sys
 import torch
 from torch import nn
 
-from modules.vlm.base import EncodedImages, Spliced, VisionTokens, VLMAdapter
+from modules.vlm.base import EncodedImages, Spliced, VisionTokens, VLMAdapter, mean_query_attention
 
 VIDEO_UNITS = ("clip", "frame")
-_SCORE_CHUNK = 1 << 24  # elements of one (heads, queries, keys) attention chunk
 
 
 class QwenVLAdapter(VLMAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     vision_inputs = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                      "second_per_grid_ts", "mm_token_type_ids", "image_sizes")
+    private_inputs = ("image_sizes",)
 
     def __init__(self, model: nn.Module, processor=None):
         super().__init__(model, processor)
@@ -182,19 +182,10 @@ class QwenVLAdapter(VLMAdapter):
         q, k, _ = attn.qkv(x).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = captured["position_embeddings"]
         q, k = rope(q, k, cos, sin)
-        q, k = q.transpose(0, 1).float(), k.transpose(0, 1).float()  # (H, L, d)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, L, d)
         bounds = captured["cu_seqlens"].tolist()
-        out = torch.zeros(length, dtype=torch.float32, device=x.device)
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            keys = k[:, start:end]
-            n = end - start
-            chunk = max(1, _SCORE_CHUNK // (attn.num_heads * n))
-            total = torch.zeros(n, dtype=torch.float32, device=x.device)
-            for lo in range(start, end, chunk):
-                logits = (q[:, lo:min(end, lo + chunk)] @ keys.transpose(-1, -2)) * attn.scaling
-                total += torch.softmax(logits, dim=-1).sum(dim=(0, 1))
-            out[start:end] = total / (n * attn.num_heads)
-        return out
+        return torch.cat([mean_query_attention(q[:, start:end], k[:, start:end], attn.scaling)
+                          for start, end in zip(bounds[:-1], bounds[1:], strict=True)])
 
     # ---- language side ----------------------------------------------------------------------------------------
     def default_position_ids(

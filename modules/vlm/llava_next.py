@@ -1,0 +1,191 @@
+"""LLaVA-NeXT (`llava_next`) and LLaVA-OneVision (`llava_onevision`): AnyRes tiles, image-newline tokens, unpadding.
+
+One image becomes a base view (the whole image resized to the tower's input) plus high-resolution tiles of the
+best grid pinpoint (the image resized into that canvas keeping its aspect ratio, padded, cut into tiles). The
+model unpads the tiles' token grid to the image's aspect ratio, appends an `image_newline` after each row, and
+(OneVision, `anyres_max_K`) shrinks the grid bilinearly when it holds more than ~K tiles' worth of tokens.
+OneVision prompts with several images get one pad-to-square view per image (no tiles).
+
+This adapter never re-derives that layout: every per-token quantity (features, pre-projector features, [CLS] or
+mean-query attention, padding validity, "is content") is packed by the model's own `pack_image_features`, so the
+token order, the unpadding and the bilinear shrink are exactly the model's.
+
+- Image-newline tokens are not visual content: they are `Pinned` (modules/vlm/base.py): always kept, never
+  selected, not counted in budgets; a budget ratio r keeps round(r * N_i) of image i's N_i content tokens.
+- One item per image over base + tiles (one budget); the tokens form no single grid, so grid-based selectors see
+  them as one row (1, N_i).
+- Attention scores: the CLIP [CLS] attention of each view (LLaVA-NeXT), or the mean over queries of the feature
+  layer's attention (SigLIP, LLaVA-OneVision), recomputed from the layer's q/k per view.
+- Validity: from the processor's own geometry (`select_best_resolution`, `get_patch_output_size`, the centred
+  padding of the tile canvas; OneVision's pad-to-square for multi-image prompts); the base view is squashed, not
+  padded, so it has no padding.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+from transformers.image_utils import ChannelDimension
+
+from modules.vlm.base import (
+    EncodedImages,
+    Pinned,
+    VisionTokens,
+    VLMAdapter,
+    box_valid_mask,
+    mean_query_attention,
+)
+from modules.vlm.llava import cls_attention, text_position_ids
+
+
+class AnyResAdapter(VLMAdapter):
+    model_types = ("llava_next", "llava_onevision")
+    vision_inputs = ("pixel_values", "image_sizes", "batch_num_images")
+
+    def __init__(self, model: nn.Module, processor=None):
+        super().__init__(model, processor)
+        self.config = cfg = model.config
+        self.family = cfg.model_type
+        self.vision_tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        vc = cfg.vision_config
+        self.tile = vc.image_size
+        self.side = vc.image_size // vc.patch_size
+        strategy = cfg.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}")
+        self._drop_cls = 1 if strategy == "default" else 0
+        self._module = sys.modules[type(model.model).__module__]
+
+    # ---- identity ------------------------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def feature_dims(self) -> dict[str, int]:
+        return {"pre": self.config.vision_config.hidden_size * len(self._feature_layers()),
+                "post": self.config.text_config.hidden_size}
+
+    def language_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    def _feature_layers(self) -> list[int]:
+        layer = self.config.vision_feature_layer
+        return [layer] if isinstance(layer, int) else list(layer)
+
+    # ---- layout -----------------------------------------------------------------------------------------------
+    def _views(self, vision: dict) -> list[int]:
+        """Views (base + tiles) of every image, as the model counts them."""
+        sizes = torch.as_tensor(vision["image_sizes"]).view(-1, 2)
+        per_prompt = vision.get("batch_num_images")
+        single = [True] * sizes.shape[0]
+        if self.family == "llava_onevision" and per_prompt is not None:
+            single = [int(n) == 1 for n in per_prompt for _ in range(int(n))]  # several images: no tiles
+        return [self._module.image_size_to_num_patches(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints,
+                                                       patch_size=self.tile) if one else 1
+                for s, one in zip(sizes, single, strict=True)]
+
+    def _pack(self, per_image: list[torch.Tensor], sizes: torch.Tensor, newline: torch.Tensor) -> list[torch.Tensor]:
+        """The model's own packing of per-view token tensors (views, L, C) of each image -> (T_i, C)."""
+        pack = self.model.model.pack_image_features
+        if self.family == "llava_onevision":
+            packed, _ = pack(per_image, sizes, image_newline=newline, vision_aspect_ratio=self.config.vision_aspect_ratio)
+        else:
+            packed, _ = pack(per_image, sizes, vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+                             image_newline=newline)
+        return packed
+
+    def _content(self, views: list[int], sizes: torch.Tensor) -> list[torch.Tensor]:
+        """(T_i,) bool per image: which packed tokens are content (False: image_newline)."""
+        length = self.side * self.side
+        ones = [torch.ones(v, length, 1, dtype=torch.float64) for v in views]
+        return [p[:, 0] > 0.5 for p in self._pack(ones, sizes, torch.zeros(1, dtype=torch.float64))]
+
+    def visual_items(self, vision: dict) -> list[tuple[int, int]]:
+        sizes = torch.as_tensor(vision["image_sizes"]).view(-1, 2)
+        return [(self.image_token_id, int(c.numel())) for c in self._content(self._views(vision), sizes)]
+
+    # ---- vision side -----------------------------------------------------------------------------------------
+    def encode_images(self, vision: dict) -> EncodedImages:
+        pixels, sizes = vision["pixel_values"], torch.as_tensor(vision["image_sizes"]).view(-1, 2)
+        views = self._views(vision)
+        if pixels.dim() == 5:  # (images, most views, C, H, W), padded on the view axis
+            pixels = torch.cat([p[:v] for p, v in zip(pixels, views, strict=True)])
+        out = self.vision_tower(pixels, output_hidden_states=True, return_dict=True)
+        layers = self._feature_layers()
+        pre = torch.cat([out.hidden_states[i][:, self._drop_cls:] for i in layers], dim=-1)  # (views, L, Dv)
+        feats = self.projector(pre)
+        attn = self._attention(out.hidden_states, layers[-1])  # (views, L)
+        valid = torch.cat([self._tile_validity(s, v) for s, v in zip(sizes.tolist(), views, strict=True)])
+        split = lambda t: list(t.split(views))  # noqa: E731
+        packed = self._pack(split(feats), sizes, self.model.model.image_newline)
+        zero = lambda t: torch.zeros(t.shape[-1], dtype=t.dtype, device=t.device)  # noqa: E731
+        packed_pre = self._pack(split(pre), sizes, zero(pre))
+        packed_attn = self._pack(split(attn.unsqueeze(-1)), sizes, zero(attn.unsqueeze(-1)))
+        packed_valid = self._pack(split(valid.unsqueeze(-1).to(pre.device, pre.dtype)), sizes, zero(pre[..., :1]))
+        items, pinned = [], []
+        for i, content in enumerate(self._content(views, sizes)):
+            content = content.to(pre.device)
+            at = content.nonzero().flatten()
+            newline = (~content).nonzero().flatten()
+            items.append(VisionTokens(feats=packed[i][at].unsqueeze(0), pre=packed_pre[i][at].unsqueeze(0),
+                                      cls_attn=packed_attn[i][at, 0].unsqueeze(0),
+                                      valid=(packed_valid[i][at, 0] > 0.5).unsqueeze(0)))
+            pinned.append(Pinned(run_length=int(content.numel()), content_at=at, pinned_at=newline,
+                                 feats=packed[i][newline]))
+        return EncodedImages.from_items(items, [self.image_token_id] * len(items), pinned)
+
+    def _attention(self, hidden: tuple[torch.Tensor, ...], feature_layer: int) -> torch.Tensor:
+        """(views, L) attention of each view to its tokens: [CLS] (CLIP) or the mean over queries (SigLIP)."""
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)  # older layouts nest it
+        layers = tower.encoder.layers
+        if self._drop_cls:
+            return cls_attention(layers, hidden, feature_layer, self._drop_cls)
+        layer_idx = (feature_layer % len(hidden)) - 1
+        layer = layers[layer_idx]
+        attn = layer.self_attn
+        x = layer.layer_norm1(hidden[layer_idx])
+        views, length, _ = x.shape
+        q = attn.q_proj(x).view(views, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(views, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        return torch.stack([mean_query_attention(q[v], k[v], attn.scale) for v in range(views)])
+
+    def _tile_validity(self, size: list[int], views: int) -> torch.Tensor:
+        """(views, L) float: 1 where a token shows the image, 0 where it shows padding, from the processor's fit:
+        the base view is the whole image squashed (no padding); tiles cut a canvas of the best grid pinpoint in
+        which the image is resized keeping its aspect ratio and centred; a single pad-to-square view (OneVision,
+        several images per prompt) centres the image in a square."""
+        height, width = int(size[0]), int(size[1])
+        length = self.side * self.side
+        if views == 1:
+            if self.family != "llava_onevision":
+                return torch.ones(1, length)
+            side = max(height, width)
+            box = ((side - height) // 2, (side - width) // 2, (side - height) // 2 + height,
+                   (side - width) // 2 + width)
+            return box_valid_mask(box, (self.side, self.side), (side, side)).float().view(1, length)
+        canvas_h, canvas_w = select_best_resolution((height, width), self.config.image_grid_pinpoints)
+        image = np.broadcast_to(np.zeros(1, dtype=np.uint8), (1, height, width))
+        new_h, new_w = get_patch_output_size(image, (canvas_h, canvas_w), input_data_format=ChannelDimension.FIRST)
+        top, left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2
+        rows, cols = canvas_h // self.tile, canvas_w // self.tile
+        grid = (rows * self.side, cols * self.side)
+        mask = box_valid_mask((top, left, top + new_h, left + new_w), grid, (canvas_h, canvas_w)).float()
+        # canvas token grid -> per tile (row-major tiles), each tile's tokens row-major: the model's view order
+        tiles = mask.view(rows, self.side, cols, self.side).permute(0, 2, 1, 3).reshape(rows * cols, length)
+        if math.prod(tiles.shape) != (views - 1) * length:
+            raise ValueError(f"image of {height}x{width}: the processor's grid gives {rows * cols} tiles, the model "
+                             f"expects {views - 1}: processor and model do not match")
+        return torch.cat([torch.ones(1, length), tiles])
+
+    # ---- language side ----------------------------------------------------------------------------------------
+    def default_position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, for_generation: bool, vision: dict
+    ) -> torch.Tensor:
+        return text_position_ids(input_ids, attention_mask, for_generation)
