@@ -64,6 +64,8 @@ class PruningPlan:
     layer: decoder layer K at whose input stage 2 prunes (scores come from layer K-1); default L // 2.
     video: "clip" (default): a video is one item, its budget counts the whole clip's tokens and a selector ranks
         them all together (frames compete); "frame": each frame (temporal patch) is an item with its own budget.
+    views: "image" (default): an AnyRes image (LLaVA-NeXT / OneVision: base view + tiles) is one item with one
+        budget; "view": its base view and its tile grid are two items, each with its own budget and grid.
     """
 
     stage1: Any = None
@@ -72,6 +74,7 @@ class PruningPlan:
     n2: int | float | None = None
     layer: int | None = None
     video: str = "clip"
+    views: str = "image"
     selector: Selector | None = field(init=False, repr=False, default=None)
     scorer: Scorer | None = field(init=False, repr=False, default=None)
 
@@ -92,6 +95,8 @@ class PruningPlan:
             raise ValueError(f"n2={self.n2} / layer={self.layer} are set but stage2 is not")
         if self.video not in ("clip", "frame"):
             raise ValueError(f"video={self.video!r}: use 'clip' (one budget per video) or 'frame' (per frame)")
+        if self.views not in ("image", "view"):
+            raise ValueError(f"views={self.views!r}: use 'image' (one budget per image) or 'view' (per view)")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise ValueError(f"layer must be an int, got {self.layer!r}")
         if type(self.n1) is type(self.n2) and self.n1 is not None and self.n2 > self.n1:
@@ -121,11 +126,12 @@ class PruningPlan:
             "n2": self.n2,
             "layer": self.layer,
             "video": self.video,
+            "views": self.views,
         }
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> PruningPlan:
-        unknown = set(config) - {"stage1", "n1", "stage2", "n2", "layer", "video"}
+        unknown = set(config) - {"stage1", "n1", "stage2", "n2", "layer", "video", "views"}
         if unknown:
             raise ValueError(f"unknown PruningPlan keys {sorted(unknown)}")
         return cls(**config)
@@ -268,6 +274,7 @@ class PrunedVLM(nn.Module):
         self.plan = plan
         self.adapter: VLMAdapter = get_adapter(model, processor)
         self.adapter.video_unit = plan.video
+        self.adapter.view_unit = plan.views
         self.selector = plan.selector  # registered as a submodule when it is one (learned heads)
         self.scorer = plan.scorer
         if hasattr(self.selector, "check_compatible"):

@@ -304,3 +304,78 @@ def test_every_default_scorer_runs(anyres, scorer):
 def test_adapter_is_chosen_by_model_type(anyres, family):
     _, models = anyres
     assert get_adapter(models["sdpa"]).family == family
+
+
+def test_per_view_selection_gives_each_view_its_budget_and_grid(anyres, family):
+    processor, models = anyres
+    batch = batch_of(processor)
+    for impl in ("eager", "sdpa"):
+        with torch.no_grad():
+            ref = models[impl](**batch).logits
+            keep_all = PrunedVLM(models[impl], PruningPlan(stage1="random", n1=1.0, views="view"))(**batch).logits
+        assert torch.equal(keep_all, ref)
+    pruned = PrunedVLM(models["sdpa"], PruningPlan(stage1="pool", n1=0.5, stage2="fastv", n2=0.25, layer=2,
+                                                   views="view"))
+    vision, _ = pruned.split_vision(batch)
+    encoded = pruned.encode(**vision)
+    joint = PrunedVLM(models["sdpa"], PruningPlan()).encode(**vision)
+    views = pruned.adapter._views(vision)
+    assert encoded.num_items == sum(2 if v > 1 else 1 for v in views)  # base view + tile grid per tiled image
+    side = pruned.adapter.side
+    grids = [item.grid for item in encoded.items()]
+    assert all(g[0] * g[1] == item.num_tokens for g, item in zip(grids, encoded.items(), strict=True))
+    assert (side, side) in grids and any(g != (side, side) for g in grids)
+    # the views of an image hold exactly that image's content tokens, in the same order
+    at = 0
+    for i, v in enumerate(views):
+        parts = encoded.items()[at:at + (2 if v > 1 else 1)]
+        at += len(parts)
+        assert torch.equal(torch.cat([p.feats[0] for p in parts]), joint.items()[i].feats[0])
+    with torch.no_grad():
+        out = pruned(**batch)
+    for stage, ratio in (("stage1", 0.5), ("stage2", 0.25)):
+        assert out.pruning.budgets[stage] == [max(1, int(ratio * n + 0.5)) for n in encoded.lengths]
+
+
+def video_batch(processor, frames=2):
+    """Two OneVision video prompts built by hand (its video processor needs torchvision): random frames; each video
+    is frames x ceil(side/2)^2 pooled tokens and one newline."""
+    tok = processor.tokenizer
+    per_video = frames * 4 + 1  # tiny tower: 4 x 4 tokens per frame, pooled to 2 x 2
+    texts = ["<video>" * per_video + " what is it ?", "<video>" * per_video + " is it red and blue ?"]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    return {**enc, "pixel_values_videos": torch.randn(2, frames, 3, 32, 32)}
+
+
+@pytest.mark.parametrize("video", ["clip", "frame"])
+def test_onevision_video_per_clip_or_frame(anyres, family, video):
+    if family != "llava_onevision":
+        pytest.skip("video is OneVision's")
+    processor, models = anyres
+    batch = video_batch(processor)
+    for impl in ("eager", "sdpa"):
+        with torch.no_grad():
+            ref = models[impl](**batch).logits
+            out = PrunedVLM(models[impl], PruningPlan(stage1="random", n1=1.0, stage2="fastv", n2=1.0, layer=2,
+                                                      video=video))(**batch).logits
+        assert torch.equal(out, ref)
+    model = models["sdpa"]
+    plan = PruningPlan(**PLAN, video=video)
+    pruned = PrunedVLM(model, plan)
+    out = pruned.generate(**batch, **GEN, output_scores=True, return_dict_in_generate=True)
+    assert out.pruning.num_tokens == ([8, 8] if video == "clip" else [4, 4, 4, 4])
+    assert out.pruning.budgets["stage1"] == ([4, 4] if video == "clip" else [2, 2, 2, 2])
+    places = item_places(batch, model) if video == "clip" else [(0, 0), (0, 1), (1, 0), (1, 1)]
+    replay = PrunedVLM(model, PruningPlan(**{**PLAN, "stage2": ReplayScorer(list(out.pruning.kept["stage2"]), places)},
+                                          video=video))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    for step in range(GEN["max_new_tokens"]):
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        with torch.no_grad():
+            logits = replay(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                            pixel_values_videos=batch["pixel_values_videos"]).logits
+        torch.testing.assert_close(logits[:, -1], out.scores[step], atol=1e-5, rtol=1e-5)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    assert torch.equal(ids, out.sequences)

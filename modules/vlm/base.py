@@ -355,6 +355,7 @@ class VLMAdapter(ABC):
 
     model_types: tuple[str, ...] = ()
     video_unit: str = "clip"  # the plan's `video`: a clip is one item, or each frame is ("frame")
+    view_unit: str = "image"  # the plan's `views`: an AnyRes image is one item, or each view is ("view")
 
     def __init__(self, model: nn.Module, processor=None):
         """`processor`: the processor (or image processor) the inputs are made with, or None. Adapters read from it

@@ -45,7 +45,7 @@ from modules.vlm.llava import cls_attention, text_position_ids
 
 class AnyResAdapter(VLMAdapter):
     model_types = ("llava_next", "llava_onevision")
-    vision_inputs = ("pixel_values", "image_sizes", "batch_num_images")
+    vision_inputs = ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos")
 
     def __init__(self, model: nn.Module, processor=None):
         super().__init__(model, processor)
@@ -107,39 +107,130 @@ class AnyResAdapter(VLMAdapter):
         ones = [torch.ones(v, length, 1, dtype=torch.float64) for v in views]
         return [p[:, 0] > 0.5 for p in self._pack(ones, sizes, torch.zeros(1, dtype=torch.float64))]
 
+    def _segments(self, views: list[int], sizes: torch.Tensor) -> list[tuple[int, torch.Tensor, tuple | None]]:
+        """Per item: (image index, (run,) content mask over its placeholder run, grid or None). One item per image,
+        or with `views="view"` its base view and its tile grid apart (each with its own grid)."""
+        out = []
+        for i, (content, v) in enumerate(zip(self._content(views, sizes), views, strict=True)):
+            length = self.side * self.side
+            if v == 1:  # one view: a full grid, then one newline
+                out.append((i, content, (self.side, self.side)))
+            elif self.view_unit == "view":
+                tiles = content[length:]
+                rows = int((~tiles).sum())
+                out.append((i, content[:length], (self.side, self.side)))
+                out.append((i, tiles, (rows, int(tiles.sum()) // rows)))
+            else:
+                out.append((i, content, None))
+        return out
+
+    def _video_items(self, vision: dict) -> list[tuple[int, int, torch.Tensor]]:
+        """Per video item: (video index, first frame, (run,) content mask): the model pools each frame to
+        ceil(side/2)^2 tokens and appends one newline after the clip."""
+        videos = vision.get("pixel_values_videos")
+        if videos is None:
+            return []
+        frames = videos.shape[1]
+        per_frame = math.ceil(self.side / 2) ** 2
+        out = []
+        for b in range(videos.shape[0]):
+            if self.video_unit == "frame":
+                for f in range(frames):
+                    mask = torch.ones(per_frame + (f == frames - 1), dtype=torch.bool)
+                    mask[per_frame:] = False
+                    out.append((b, f, mask))
+            else:
+                mask = torch.ones(frames * per_frame + 1, dtype=torch.bool)
+                mask[-1] = False
+                out.append((b, 0, mask))
+        return out
+
     def visual_items(self, vision: dict) -> list[tuple[int, int]]:
-        sizes = torch.as_tensor(vision["image_sizes"]).view(-1, 2)
-        return [(self.image_token_id, int(c.numel())) for c in self._content(self._views(vision), sizes)]
+        items = []
+        if vision.get("pixel_values") is not None:
+            sizes = torch.as_tensor(vision["image_sizes"]).view(-1, 2)
+            items += [(self.image_token_id, int(c.numel())) for _, c, _ in self._segments(self._views(vision), sizes)]
+        items += [(self.video_token_id, int(c.numel())) for _, _, c in self._video_items(vision)]
+        return items
+
+    @property
+    def video_token_id(self) -> int | None:
+        return getattr(self.config, "video_token_id", None)
 
     # ---- vision side -----------------------------------------------------------------------------------------
     def encode_images(self, vision: dict) -> EncodedImages:
+        items, pinned, token_ids = [], [], []
+        if vision.get("pixel_values") is not None:
+            for tokens, pins in self._encode_images(vision):
+                items.append(tokens)
+                pinned.append(pins)
+                token_ids.append(self.image_token_id)
+        if vision.get("pixel_values_videos") is not None:
+            for tokens, pins in self._encode_videos(vision):
+                items.append(tokens)
+                pinned.append(pins)
+                token_ids.append(self.video_token_id)
+        return EncodedImages.from_items(items, token_ids, pinned)
+
+    def _tower(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pre (views, L, Dv), feats (views, L, D), attention (views, L)) of a stack of views."""
+        out = self.vision_tower(pixels, output_hidden_states=True, return_dict=True)
+        layers = self._feature_layers()
+        pre = torch.cat([out.hidden_states[i][:, self._drop_cls:] for i in layers], dim=-1)
+        return pre, self.projector(pre), self._attention(out.hidden_states, layers[-1])
+
+    def _encode_images(self, vision: dict) -> list[tuple[VisionTokens, Pinned]]:
         pixels, sizes = vision["pixel_values"], torch.as_tensor(vision["image_sizes"]).view(-1, 2)
         views = self._views(vision)
         if pixels.dim() == 5:  # (images, most views, C, H, W), padded on the view axis
             pixels = torch.cat([p[:v] for p, v in zip(pixels, views, strict=True)])
-        out = self.vision_tower(pixels, output_hidden_states=True, return_dict=True)
-        layers = self._feature_layers()
-        pre = torch.cat([out.hidden_states[i][:, self._drop_cls:] for i in layers], dim=-1)  # (views, L, Dv)
-        feats = self.projector(pre)
-        attn = self._attention(out.hidden_states, layers[-1])  # (views, L)
+        pre, feats, attn = self._tower(pixels)
         valid = torch.cat([self._tile_validity(s, v) for s, v in zip(sizes.tolist(), views, strict=True)])
-        split = lambda t: list(t.split(views))  # noqa: E731
-        packed = self._pack(split(feats), sizes, self.model.model.image_newline)
-        zero = lambda t: torch.zeros(t.shape[-1], dtype=t.dtype, device=t.device)  # noqa: E731
-        packed_pre = self._pack(split(pre), sizes, zero(pre))
-        packed_attn = self._pack(split(attn.unsqueeze(-1)), sizes, zero(attn.unsqueeze(-1)))
-        packed_valid = self._pack(split(valid.unsqueeze(-1).to(pre.device, pre.dtype)), sizes, zero(pre[..., :1]))
-        items, pinned = [], []
-        for i, content in enumerate(self._content(views, sizes)):
+
+        def pack(t: torch.Tensor, newline: torch.Tensor | None = None) -> list[torch.Tensor]:
+            newline = torch.zeros(t.shape[-1], dtype=t.dtype, device=t.device) if newline is None else newline
+            return self._pack(list(t.split(views)), sizes, newline)
+
+        packed = pack(feats, self.model.model.image_newline)
+        packed_pre, packed_attn = pack(pre), pack(attn.unsqueeze(-1))
+        packed_valid = pack(valid.unsqueeze(-1).to(pre.device, pre.dtype))
+        out, start = [], {}
+        for i, content, grid in self._segments(views, sizes):
+            lo = start.get(i, 0)
+            start[i] = lo + content.numel()
+            span = slice(lo, lo + content.numel())
             content = content.to(pre.device)
-            at = content.nonzero().flatten()
-            newline = (~content).nonzero().flatten()
-            items.append(VisionTokens(feats=packed[i][at].unsqueeze(0), pre=packed_pre[i][at].unsqueeze(0),
-                                      cls_attn=packed_attn[i][at, 0].unsqueeze(0),
-                                      valid=(packed_valid[i][at, 0] > 0.5).unsqueeze(0)))
-            pinned.append(Pinned(run_length=int(content.numel()), content_at=at, pinned_at=newline,
-                                 feats=packed[i][newline]))
-        return EncodedImages.from_items(items, [self.image_token_id] * len(items), pinned)
+            at, newline = content.nonzero().flatten(), (~content).nonzero().flatten()
+            pick = lambda t, span=span, at=at: t[span][at]  # noqa: E731
+            tokens = VisionTokens(feats=pick(packed[i]).unsqueeze(0), pre=pick(packed_pre[i]).unsqueeze(0),
+                                  cls_attn=pick(packed_attn[i])[:, 0].unsqueeze(0),
+                                  valid=(pick(packed_valid[i])[:, 0] > 0.5).unsqueeze(0), grid=grid)
+            out.append((tokens, Pinned(run_length=int(content.numel()), content_at=at, pinned_at=newline,
+                                       feats=packed[i][span][newline])))
+        return out
+
+    def _encode_videos(self, vision: dict) -> list[tuple[VisionTokens, Pinned]]:
+        """OneVision video: every frame through the tower, pooled by the model's own `apply_pooling`."""
+        videos = vision["pixel_values_videos"]
+        count, frames = videos.shape[:2]
+        pre, feats, attn = self._tower(videos.flatten(0, 1))
+        pool = self.model.model.apply_pooling
+        pre, feats, attn = pool(pre), pool(feats), pool(attn.unsqueeze(-1))[..., 0]  # (videos * frames, P, .)
+        side = math.ceil(self.side / 2)
+        per_frame = side * side
+        newline = self.model.model.image_newline
+        out = []
+        for b, first, content in self._video_items(vision):
+            n_frames = int(content.sum()) // per_frame
+            rows = slice(b * frames + first, b * frames + first + n_frames)
+            at = torch.arange(n_frames * per_frame, device=pre.device)
+            ends = (~content).nonzero().flatten().to(pre.device)
+            tokens = VisionTokens(feats=feats[rows].reshape(1, -1, feats.shape[-1]),
+                                  pre=pre[rows].reshape(1, -1, pre.shape[-1]), cls_attn=attn[rows].reshape(1, -1),
+                                  grid=(n_frames * side, side))
+            out.append((tokens, Pinned(run_length=int(content.numel()), content_at=at, pinned_at=ends,
+                                       feats=newline.expand(ends.numel(), -1))))
+        return out
 
     def _attention(self, hidden: tuple[torch.Tensor, ...], feature_layer: int) -> torch.Tensor:
         """(views, L) attention of each view to its tokens: [CLS] (CLIP) or the mean over queries (SigLIP)."""
