@@ -8,9 +8,14 @@ tokenization must leave identical sequences.
 
 Nothing here is model-specific: the chat template renders each image item as the processor's own placeholder
 (LLaVA's `<image>`, Qwen's `<|vision_start|><|image_pad|><|vision_end|>`), the processor expands it (a fixed count
-for LLaVA-1.5, each image's own count for Qwen), and the image token to undo comes from the processor's
-`image_token_id` / `image_token`. Whatever else the processor returns (Qwen: `image_grid_thw`,
-`mm_token_type_ids`) passes through as it made it.
+for LLaVA-1.5, each image's own count for Qwen, LLaVA-NeXT and LLaVA-OneVision), and the image token to undo comes
+from the processor's `image_token_id` / `image_token`. Whatever else the processor returns (Qwen: `image_grid_thw`,
+`mm_token_type_ids`; LLaVA-OneVision: `batch_num_images`) passes through as it made it.
+
+The whole batch is one processor call, so batch-level layout is the processor's own: LLaVA-NeXT / OneVision
+pixel_values (n_images, most views in the batch, C, H, W) are zero-padded on the view axis exactly as the processor
+pads them. LLaVA-OneVision tells a prompt's lone image (tiled) from several (one view each) by the nesting of
+`images`, so it is given each prompt's images as one list (see `LlavaCollator._process`).
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class LlavaCollator:
             self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
             raise ValueError(f"image token {image_token!r} is not in the tokenizer's vocabulary")
+        image_processor = getattr(processor, "image_processor", None)
+        self.nest_images = "batch_num_images" in getattr(image_processor, "model_input_names", ())
 
     # -- text side ---------------------------------------------------------------------------------------------
 
@@ -100,7 +107,14 @@ class LlavaCollator:
 
     # -- batching ----------------------------------------------------------------------------------------------
 
-    def _process(self, images, texts):
+    def _process(self, images: list[list], texts: list[str]):
+        """One processor call for the batch: `images` holds each prompt's own list. Processors that tell one- from
+        multi-image prompts (LLaVA-OneVision: `batch_num_images`; a lone image is tiled, each of several is one
+        view) get them nested per prompt; the others get the flat list in batch order."""
+        if self.nest_images:
+            images = [list(ims) for ims in images]
+        else:
+            images = [im for ims in images for im in ims]
         return self.processor(images=images, text=texts, padding=True, padding_side="left", return_tensors="pt")
 
     @staticmethod
@@ -132,7 +146,7 @@ class LlavaCollator:
                 n = sum(1 for s, e in enc.offsets if s < cut or (s == e == 0)) + extra
             else:
                 # Images shown only in later turns leave with them; their token counts are the processor's to say.
-                out = self._process(images[:n_img], [self._render(messages[:keep])])
+                out = self._process([images[:n_img]], [self._render(messages[:keep])])
                 n = int(out["attention_mask"].sum())
             if n <= self.max_length:
                 break
@@ -153,7 +167,8 @@ class LlavaCollator:
         input_ids (B, L) int64, attention_mask (B, L) int64, both LEFT padded; pixel_values as the processor
         returns them ((n_images, 3, H, W) float32 for LLaVA-1.5; Qwen's flat (sum of t*h*w patches, C*t*p*p)
         with image_grid_thw (n_images, 3) int64 (t, h, w) in patches, and mm_token_type_ids (B, L) int64, 0 text
-        / 1 image, left padded like input_ids); image_sizes (n_images, 2) int64, each image's original (height,
+        / 1 image, left padded like input_ids; LLaVA-NeXT / OneVision's (n_images, max views, 3, H, W) zero-padded
+        on the view axis, with OneVision's batch_num_images (B,) int64, images per prompt); image_sizes (n_images, 2) int64, each image's original (height,
         width), images in batch order (row by row, each row's in conversation order); labels (B, L) int64, -100
         except answer tokens and the end-of-turn token after each answer; prompt_end (B,) int64, column of the
         last token before the first answer token; skipped: int, items dropped in this batch (None from the
@@ -173,7 +188,7 @@ class LlavaCollator:
         encs = [self._encode(it["messages"]) for it in kept]
 
         if kept and self.max_length is not None:
-            out = self._process([im for it in kept for im in it["images"]], [e.text for e in encs])
+            out = self._process([it["images"] for it in kept], [e.text for e in encs])
             lengths = out["attention_mask"].sum(dim=1).tolist()
             fitted_items, fitted_encs, changed = [], [], False
             for it, enc, n in zip(kept, encs, lengths):
@@ -190,7 +205,7 @@ class LlavaCollator:
 
         if not kept:
             return {"skipped": skipped}
-        out = self._process([im for it in kept for im in it["images"]], [e.text for e in encs])
+        out = self._process([it["images"] for it in kept], [e.text for e in encs])
         return self._finish(kept, encs, out, skipped)
 
     def _finish(self, kept: list[dict], encs: list[_Encoded], out, skipped: int) -> dict:

@@ -12,6 +12,8 @@ splits over small images of coloured shapes.
     python -m data.tiny outputs/tiny15 --geometry llava15   # LLaVA-1.5-7B geometry at tiny depth (see below)
     python -m data.tiny outputs/tiny_qwen25vl --family qwen2_5_vl  # then: configs/tiny_qwen25vl.yaml
     python -m data.tiny outputs/tiny_qwen3vl --family qwen3_vl     # then: configs/tiny_qwen3vl.yaml
+    python -m data.tiny outputs/tiny_llava_next --family llava_next            # then: configs/tiny_llava_next.yaml
+    python -m data.tiny outputs/tiny_llava_onevision --family llava_onevision  # configs/tiny_llava_onevision.yaml
 
 The model is random: this exercises the real loading, data and training paths, it does not learn anything
 meaningful. ToyWorld (data/toyworld.py) is the world in which pruning quality is measurable.
@@ -354,6 +356,7 @@ def tiny_qwen(family: str, tokenizer: PreTrainedTokenizerFast | None = None, see
 # ratio, with one image_newline after each row (OneVision: bilinearly shrunk first when larger than
 # anyres_max_N tiles). The processors expand each <image> to exactly that count.
 
+ANYRES_FAMILIES = ("llava_next", "llava_onevision")
 LLAVA_NEXT_TILE = 32
 LLAVA_NEXT_PATCH = 8
 # llava-hf/llava-v1.6-*: [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]] (height, width), 336 -> 32.
@@ -629,7 +632,10 @@ def write_tiny_workspace(root: str | Path, n_train: int = 48, n_eval: int = 12, 
 
     family: "llava" (the default) or one of QWEN_FAMILIES: `model/` then holds a random `tiny_qwen(family)` with
     its images-only processor (`tiny_qwen_processor`; load it with `data.processors.load_processor`, which
-    DistillPruner and LlavaDataModule use) and the same splits and images (the tiny geometry only).
+    DistillPruner and LlavaDataModule use) and the same splits and images (the tiny geometry only). Or one of
+    ANYRES_FAMILIES: a random `tiny_llava_next` / `tiny_llava_onevision` with its processor (OneVision's images-only,
+    loaded by `load_processor` too); their splits also hold two-image records (every fourth record), so batches mix
+    prompts of one and two images and images of different view counts.
 
     geometry: "tiny" (the default: a tiny LLaVA with 32-pixel pad-to-square images) or "llava15" (LLaVA-1.5-7B
     geometry at tiny depth; images 5x larger, aspect ratios 3:8 to 8:3). image_processing: "crop" (llava-hf's CLIP
@@ -643,13 +649,27 @@ def write_tiny_workspace(root: str | Path, n_train: int = 48, n_eval: int = 12, 
     if model_kwargs and geometry == "tiny":
         raise ValueError("model_kwargs only apply to geometry='llava15'")
     if family != "llava":
-        _check_family(family)
+        if family not in ANYRES_FAMILIES:
+            _check_family(family)
         if geometry != "tiny" or image_processing is not None:
             raise ValueError(f"family={family!r} takes the tiny geometry with its own image processing")
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
-    tokenizer = tiny_tokenizer() if family == "llava" else tiny_qwen_tokenizer(family=family)
-    if family != "llava":
+    if family in ("llava", "llava_next"):
+        tokenizer = tiny_tokenizer()
+    elif family == "llava_onevision":
+        tokenizer = tiny_llava_onevision_tokenizer()
+    else:
+        tokenizer = tiny_qwen_tokenizer(family=family)
+    if family == "llava_next":
+        tiny_llava_next(tokenizer, seed=seed).save_pretrained(root / "model")
+        tiny_llava_next_processor(tokenizer).save_pretrained(root / "model")
+        scale = 1
+    elif family == "llava_onevision":
+        tiny_llava_onevision(tokenizer, seed=seed).save_pretrained(root / "model")
+        tiny_llava_onevision_processor(tokenizer).save_pretrained(root / "model")
+        scale = 1
+    elif family != "llava":
         tiny_qwen(family, tokenizer, seed=seed).save_pretrained(root / "model")
         tiny_qwen_processor(family, tokenizer).save_pretrained(root / "model")
         scale = 1
@@ -672,6 +692,15 @@ def write_tiny_workspace(root: str | Path, n_train: int = 48, n_eval: int = 12, 
             name = f"{split}_{i:04d}.png"
             _draw(color, shape, size, rng).save(root / "images" / name)
             question, answer = (("what is the color ?", color) if i % 2 == 0 else ("what is the shape ?", shape))
+            if family in ANYRES_FAMILIES and i % 4 == 3:
+                # a two-image record (OneVision: one view per image instead of tiles)
+                second = f"{split}_{i:04d}_b.png"
+                size = (rng.randint(24, 64) * scale, rng.randint(24, 64) * scale)
+                _draw(rng.choice(sorted(COLORS)), shape, size, rng).save(root / "images" / second)
+                records.append({"id": f"{split}-{i}", "image": [name, second], "conversations": [
+                    {"from": "human", "value": "<image> left <image> right\nwhat is the shape of the left ?"},
+                    {"from": "gpt", "value": shape}]})
+                continue
             records.append({"id": f"{split}-{i}", "image": name, "conversations": [
                 {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
         (root / f"{split}.json").write_text(json.dumps(records, indent=1))
@@ -685,8 +714,9 @@ def main() -> None:
     parser.add_argument("--geometry", choices=GEOMETRIES, default="tiny")
     parser.add_argument("--image-processing", choices=IMAGE_PROCESSING, default=None,
                         help="crop (llava-hf, default for llava15) or pad (pad to square; the tiny geometry's)")
-    parser.add_argument("--family", choices=("llava", *QWEN_FAMILIES), default="llava",
-                        help="the tiny model: LLaVA (default) or a tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL")
+    parser.add_argument("--family", choices=("llava", *QWEN_FAMILIES, *ANYRES_FAMILIES), default="llava",
+                        help="the tiny model: LLaVA (default), a tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL, or a tiny "
+                             "LLaVA-NeXT / LLaVA-OneVision")
     args = parser.parse_args()
     root = write_tiny_workspace(args.root, seed=args.seed, geometry=args.geometry,
                                 image_processing=args.image_processing, family=args.family)

@@ -18,7 +18,7 @@ from torch import nn
 from modules.pruned_vlm import PrunedVLM, PruningPlan
 from modules.selectors.base import Calibrated
 
-MODEL_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_sizes", "position_ids")
+TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 @torch.no_grad()
@@ -37,7 +37,8 @@ def calibrate(model: nn.Module, plan: PruningPlan, batches: Iterable[dict], max_
     for batch in batches:
         if max_batches is not None and seen >= max_batches:
             break
-        pruned(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+        # the text inputs plus whatever visual inputs this family's adapter reads (grids, sizes, image counts)
+        pruned(**{k: v for k, v in batch.items() if k in TEXT_INPUTS or k in pruned.adapter.vision_inputs})
         seen += 1
     for _, component in targets:
         component.finish_calibration()

@@ -27,8 +27,10 @@ from modules.optim import adamw_warmup_cosine
 from modules.pruned_vlm import PrunedVLM, PruningPlan, labels_at
 from modules.vlm import get_adapter
 
-MODEL_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_sizes", "image_grid_thw", "mm_token_type_ids",
-                "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+# Batch keys handed to the pruned model (PrunedVLM keeps from the unpruned model those only learnprune reads, e.g.
+# LLaVA-1.5's image_sizes; LLaVA-NeXT / OneVision's forward reads image_sizes and OneVision's batch_num_images).
+MODEL_INPUTS = ("input_ids", "pixel_values", "attention_mask", "image_sizes", "batch_num_images", "image_grid_thw",
+                "mm_token_type_ids", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 DEFAULT_LORA_TARGET = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
 
@@ -52,19 +54,48 @@ def load_vlm(model: str | None, model_config: dict | None, attn_implementation: 
     return AutoModelForImageTextToText.from_config(cfg, dtype=torch_dtype)
 
 
-PER_IMAGE = ("pixel_values", "image_sizes", "image_grid_thw")  # batch entries with one row per image, not per prompt
+# batch entries with one row per image, not per prompt (LLaVA-NeXT / OneVision pixel_values: (images, views, C, H, W));
+# OneVision's batch_num_images has one entry per prompt and is replicated with it
+PER_IMAGE = ("pixel_values", "image_sizes", "image_grid_thw")
 
 
-def replicate_batch(batch: dict[str, Any], copies: int) -> tuple[dict[str, Any], torch.Tensor]:
+def replicated_rows(prompt_of: torch.Tensor, prompts: int, copies: int) -> torch.Tensor:
+    """Rows of per-image (or per-item) entries after `replicate_batch`: `prompt_of` gives each entry's prompt (in
+    batch order, a prompt's entries consecutive); each prompt's entries come `copies` times in a row."""
+    prompt_of = torch.as_tensor(prompt_of).view(-1)
+    if prompt_of.numel() == 0:
+        return prompt_of.long()
+    counts = torch.bincount(prompt_of, minlength=prompts).tolist()
+    starts = [sum(counts[:p]) for p in range(prompts)]
+    return torch.cat([torch.arange(starts[p], starts[p] + counts[p], device=prompt_of.device)
+                      for p in range(prompts) for _ in range(copies)])
+
+
+def replicate_batch(batch: dict[str, Any], copies: int, image_prompts: torch.Tensor | list[int] | None = None
+                    ) -> tuple[dict[str, Any], torch.Tensor]:
     """Each prompt `copies` times in a row (prompt b -> rows b*copies ... b*copies + copies-1), its images with it;
-    and the image row each new image row comes from."""
+    and the image row each new image row comes from.
+
+    `image_prompts`: the prompt (row) of every image, in batch order (images of one prompt are consecutive), for
+    prompts with different numbers of images; default: from `batch_num_images` (images per prompt) when the batch
+    has it, else the same number of images per prompt."""
     prompts = batch["input_ids"].shape[0]
+    device = batch["input_ids"].device
     grids = batch.get("image_grid_thw")
     n_images = batch["pixel_values"].shape[0] if grids is None else grids.shape[0]
-    per_prompt = n_images // prompts
-    prompt_rows = torch.arange(prompts, device=batch["input_ids"].device).repeat_interleave(copies)
-    image_rows = (prompt_rows.unsqueeze(1) * per_prompt + torch.arange(per_prompt, device=prompt_rows.device)
-                  ).flatten()
+    if image_prompts is None and batch.get("batch_num_images") is not None:
+        counts = torch.as_tensor(batch["batch_num_images"], device=device).view(-1)
+        image_prompts = torch.arange(prompts, device=device).repeat_interleave(counts)
+    if image_prompts is None:
+        if n_images % prompts:
+            raise ValueError(f"{n_images} images over {prompts} prompts: pass image_prompts (each image's prompt)")
+        image_prompts = torch.arange(prompts, device=device).repeat_interleave(n_images // prompts)
+    image_prompts = torch.as_tensor(image_prompts, device=device).view(-1)
+    if image_prompts.numel() != n_images or bool((image_prompts.diff() < 0).any()):
+        raise ValueError(f"image_prompts {image_prompts.tolist()} must give each of the {n_images} images its "
+                         "prompt, in batch order")
+    prompt_rows = torch.arange(prompts, device=device).repeat_interleave(copies)
+    image_rows = replicated_rows(image_prompts, prompts, copies)
     out = {}
     for key, value in batch.items():
         if key == "pixel_values" and grids is not None:
@@ -253,9 +284,11 @@ class DistillPruner(L.LightningModule):
 
     # ---- the losses ------------------------------------------------------------------------------------------
     def _teacher(self, batch: dict[str, torch.Tensor], want_hidden: bool):
-        # Qwen-VL also needs image_grid_thw (patch grid per image) and mm_token_type_ids (M-RoPE positions)
-        inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "image_grid_thw",
-                                        "mm_token_type_ids") if k in batch}
+        # The model's own inputs, as PrunedVLM hands them to it: the text side, and the visual inputs less those
+        # only learnprune reads (LLaVA-1.5's image_sizes); so Qwen-VL gets image_grid_thw and mm_token_type_ids
+        # (M-RoPE positions), LLaVA-NeXT / OneVision image_sizes (and batch_num_images)
+        vision, rest = self.pruned.split_vision({k: batch[k] for k in MODEL_INPUTS if k in batch})
+        inputs = {**rest, **self.pruned.model_vision_inputs(vision)}
         with torch.no_grad(), self._adapters_disabled():
             return self.vlm(**inputs, output_hidden_states=want_hidden, use_cache=False)
 
@@ -288,12 +321,18 @@ class DistillPruner(L.LightningModule):
         t_logits_all = teacher.logits
         t_hidden_all = teacher.hidden_states[-1] if want_hidden else None
         copies = hp.policy_samples if self._policy_step() else 1
-        vision_tokens = None
+        vision_tokens = item_rows = None
         if copies > 1:  # several sampled selections per input; the teacher and the vision tower run once
             vision, _ = self.pruned.split_vision(batch)
             vision_tokens = self.pruned.encode(**vision)
-            batch, image_rows = replicate_batch(batch, copies)
-            vision_tokens = vision_tokens.index(image_rows)
+            prompts = batch["input_ids"].shape[0]
+            # visual items (images, or AnyRes views / video frames) by their prompt, as the adapter lays them out
+            item_prompts = torch.tensor(self.item_rows(batch), dtype=torch.long, device=batch["input_ids"].device)
+            batch, _ = replicate_batch(batch, copies, self._image_prompts(batch, item_prompts))
+            vision_tokens = vision_tokens.index(replicated_rows(item_prompts, prompts, copies))
+            # the row of every visual item of the copies (prompts may show different numbers of images)
+            counts = torch.bincount(item_prompts, minlength=prompts).repeat_interleave(copies)
+            item_rows = torch.arange(prompts * copies, device=counts.device).repeat_interleave(counts)
             t_logits_all = t_logits_all.repeat_interleave(copies, dim=0)
             t_hidden_all = None if t_hidden_all is None else t_hidden_all.repeat_interleave(copies, dim=0)
         labels = batch["labels"]
@@ -324,7 +363,7 @@ class DistillPruner(L.LightningModule):
         if pruning.aux_loss is not None:
             loss = loss + hp.budget_weight * pruning.aux_loss
         if copies > 1:
-            loss = loss + self.policy_loss(row_kl, rows, copies, pruning.log_prob)
+            loss = loss + self.policy_loss(row_kl, rows, copies, pruning.log_prob, item_rows)
         # answers are judged on their first token (the one the prompt alone predicts), agreement on every token;
         # calling (not .update) keeps the batch value too, so the metrics log per step as well as per epoch
         first = rows & (rows.cumsum(dim=1) == 1)
@@ -336,22 +375,36 @@ class DistillPruner(L.LightningModule):
         metrics["kept_ratio"](torch.tensor(self.kept_ratio(pruning)))
         return loss
 
+    def _image_prompts(self, batch: dict, item_prompts: torch.Tensor) -> torch.Tensor | None:
+        """The prompt of every image of a batch (prompts may show different numbers of images) when the visual
+        items are the images; None otherwise (videos, AnyRes views as items, or batch_num_images, which
+        `replicate_batch` reads itself)."""
+        if (batch.get("pixel_values_videos") is not None or batch.get("batch_num_images") is not None
+                or getattr(self.pruned.adapter, "view_unit", "image") != "image"):
+            return None
+        return item_prompts
+
     def _policy_step(self) -> bool:
         return self.head.config.mode == "policy" and self.head.training and torch.is_grad_enabled()
 
     @staticmethod
-    def policy_loss(row_kl: torch.Tensor, rows: torch.Tensor, copies: int, log_prob: torch.Tensor) -> torch.Tensor:
+    def policy_loss(row_kl: torch.Tensor, rows: torch.Tensor, copies: int, log_prob: torch.Tensor,
+                    item_rows: torch.Tensor | None = None) -> torch.Tensor:
         """REINFORCE with a leave-one-out baseline: reward = -KL of a sampled selection (mean over its answer
         rows), advantage = reward - mean reward of the other samples of the same input; returns
         -mean(advantage * log-probability of the selection). A prompt's selection is that of all its images, so
-        its log-probability is the sum of theirs (`log_prob` is per image). The student's loss terms carry no
-        gradient in this mode (its tokens are hard-selected), so this is what trains the head."""
+        its log-probability is the sum of theirs (`log_prob` is per image; `item_rows`: the row of each, needed
+        when prompts show different numbers of images; default: the same number per row). The student's loss
+        terms carry no gradient in this mode (its tokens are hard-selected), so this is what trains the head."""
         sample = rows.nonzero()[:, 0]
         per_sample = torch.zeros(rows.shape[0], device=row_kl.device).index_add(0, sample, row_kl.detach())
         reward = -(per_sample / rows.sum(dim=1).clamp(min=1)).view(-1, copies)
         baseline = (reward.sum(dim=1, keepdim=True) - reward) / (copies - 1)
         advantage = (reward - baseline).flatten()
-        per_prompt = log_prob.view(rows.shape[0], -1).sum(dim=1)
+        if item_rows is None:
+            per_prompt = log_prob.view(rows.shape[0], -1).sum(dim=1)
+        else:
+            per_prompt = log_prob.new_zeros(rows.shape[0]).index_add(0, item_rows.to(log_prob.device), log_prob)
         return -(advantage * per_prompt).mean()
 
     def kept_ratio(self, pruning) -> float:

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import yaml
-
 from test_cli import REPO
 
 RECIPES = {
