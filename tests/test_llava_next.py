@@ -379,3 +379,29 @@ def test_onevision_video_per_clip_or_frame(anyres, family, video):
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     assert torch.equal(ids, out.sequences)
+
+
+def test_attention_scores_equal_the_eager_towers_per_view(anyres, family):
+    """NeXT: each view's CLIP [CLS] attention; OneVision: the mean over queries of SigLIP's attention (no [CLS]),
+    both from the eager tower's own attention weights, packed like the model packs features."""
+    processor, models = anyres
+    batch = batch_of(processor)
+    model = models["eager"]
+    pruned = PrunedVLM(model, PruningPlan())
+    vision, _ = pruned.split_vision(batch)
+    encoded = pruned.encode(**vision)
+    adapter = pruned.adapter
+    views = adapter._views(vision)
+    pixels = torch.cat([p[:v] for p, v in zip(batch["pixel_values"], views, strict=True)])
+    with torch.no_grad():
+        out = model.model.vision_tower(pixels, output_attentions=True, output_hidden_states=True)
+    layer = model.config.vision_feature_layer
+    weights = out.attentions[(layer % (len(out.hidden_states))) - 1]  # (views, H, L, L) of the feature layer
+    if family == "llava_next":
+        per_token = weights[:, :, 0, 1:].mean(dim=1)
+    else:
+        per_token = weights.mean(dim=(1, 2))
+    sizes = torch.as_tensor(vision["image_sizes"]).view(-1, 2)
+    packed = adapter._pack(list(per_token.unsqueeze(-1).split(views)), sizes, torch.zeros(1))
+    for p, pin, item in zip(packed, encoded.pinned, encoded.items(), strict=True):
+        torch.testing.assert_close(item.cls_attn[0], p[pin.content_at, 0], atol=1e-6, rtol=1e-5)
