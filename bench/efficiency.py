@@ -1,40 +1,64 @@
-"""Prefill latency and decoding speed of pruned vs unpruned inference on a randomly initialised LLaVA.
+"""Speed, memory and FLOPs of pruned vs unpruned inference, side by side with the usual way of pruning.
 
-    python bench/efficiency.py --geometry tiny
-    python bench/efficiency.py --geometry llava15-7b --text-layers 4 --vision-layers 4   # 7B widths, reduced depth
+    python bench/efficiency.py --geometry llava15-7b --text-layers 2 --vision-layers 2     # CPU: reduced depth
+    python bench/efficiency.py --geometry llava15-7b --device cuda --dtype bfloat16         # GPU: full depth
+    python bench/efficiency.py --geometry tiny                                              # seconds (tests)
 
-Prints a markdown table; numbers, not assertions. Random weights: latency depends on shapes, not on values.
+A randomly initialised LLaVA at the real widths (LLaVA-1.5-7B: CLIP ViT-L/336, 576 tokens, Llama-7B layers);
+latency depends on shapes, not values. For each batch size and each budget n_eff (FLOPs-equivalent visual tokens
+per layer: `all`, 192, 128, 64, 32) the plan is FasterVLM at stage 1 (n1 = 1.5 n_eff) and FastV at stage 2
+(n2 = 0.5 n_eff from layer K = L/2), so (K n1 + (L - K) n2) / L = n_eff. Reported per configuration:
+
+- prefill ms (one forward over the prompt, cache on, logits for the last position), time to first token (generate
+  one token), decode tokens/s (the rest of `--new-tokens`), peak memory above the model (CUDA: allocator peak; CPU:
+  resident-set peak sampled every 2 ms), KV-cache bytes after prefill;
+- FLOPs of the configuration (bench/flops.py: vision tower, projector, LM before and after K, the pruner's own
+  products), the achieved prefill speed-up, the FLOPs-ideal speed-up of the same configuration and their ratio,
+  and the ideal speed-up of the full-depth model for reference;
+- `usual`: the same plan run the usual way, with eager attention in the whole language model and
+  `output_attentions=True` (what attention-score pruning needs without a q/k recompute): its prefill ms, peak
+  memory, and the stage-2 scoring cost of each way (prefill with stage 2 minus prefill with stage 1 alone).
+
+Writes bench/out/efficiency.{md,json,png}. Numbers, not assertions.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import threading
 import time
+from pathlib import Path
 
+import psutil
 import torch
+from flops import Geometry, prefill_flops  # bench/ is on sys.path when this script runs
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from modules.budget import effective_budget
 from modules.pruned_vlm import PrunedVLM, PruningPlan
 
 GEOMETRIES = {
-    # vision: hidden, layers, heads, image, patch | text: hidden, layers, heads, kv heads, ffn
-    "tiny": dict(v=(32, 3, 4, 32, 8), t=(64, 4, 4, 2, 128)),
-    "llava15-7b": dict(v=(1024, 24, 16, 336, 14), t=(4096, 32, 32, 32, 11008)),
+    # vision: hidden, layers, heads, MLP, image, patch | text: hidden, layers, heads, kv heads, MLP, vocab
+    "tiny": dict(v=(32, 3, 4, 64, 32, 8), t=(64, 4, 4, 2, 128, 64)),
+    "llava15-7b": dict(v=(1024, 24, 16, 4096, 336, 14), t=(4096, 32, 32, 32, 11008, 32064)),
 }
+BUDGETS = ("all", 192, 128, 64, 32)
 
 
-def build(geometry: str, text_layers: int | None, vision_layers: int | None, dtype) -> LlavaForConditionalGeneration:
-    (vh, vl, vheads, img, patch), (th, tl, theads, kv, ffn) = GEOMETRIES[geometry]["v"], GEOMETRIES[geometry]["t"]
-    vision = CLIPVisionConfig(hidden_size=vh, intermediate_size=4 * vh, num_hidden_layers=vision_layers or vl,
+def build(geometry: str, text_layers: int | None, vision_layers: int | None, dtype, attn: str = "sdpa"
+          ) -> LlavaForConditionalGeneration:
+    (vh, vl, vheads, vffn, img, patch), (th, tl, theads, kv, ffn, vocab) = (GEOMETRIES[geometry]["v"],
+                                                                           GEOMETRIES[geometry]["t"])
+    vision = CLIPVisionConfig(hidden_size=vh, intermediate_size=vffn, num_hidden_layers=vision_layers or vl,
                               num_attention_heads=vheads, image_size=img, patch_size=patch)
-    text = LlamaConfig(vocab_size=32064, hidden_size=th, intermediate_size=ffn, num_hidden_layers=text_layers or tl,
+    text = LlamaConfig(vocab_size=vocab, hidden_size=th, intermediate_size=ffn, num_hidden_layers=text_layers or tl,
                        num_attention_heads=theads, num_key_value_heads=kv, max_position_embeddings=4096)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2)
-    cfg._attn_implementation = "sdpa"
-    with torch.device("cpu"):
-        model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab - 1, vision_feature_layer=-2)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
     model.generation_config.pad_token_id = 0
     return model
 
@@ -49,51 +73,209 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+class PeakMemory:
+    """Peak memory of a block above what was in use when it started: the CUDA allocator's peak, or on CPU the
+    resident set sampled every 2 ms (a lower bound of the true peak)."""
+
+    def __init__(self, device: str):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.process, self.base, self.running = psutil.Process(), psutil.Process().memory_info().rss, True
+        self.peak_rss = self.base
+
+        def sample():
+            while self.running:
+                self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+                time.sleep(0.002)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = self.peak_rss - self.base
+
+
+def kv_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def inputs_for(model, batch: int, text: int, device: str) -> dict:
+    vc = model.config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, min(1000, model.config.image_token_id), (batch, text), generator=gen)
+    ids = torch.cat([ids[:, :5], torch.full((batch, n), model.config.image_token_id), ids[:, 5:]], dim=1)
+    pixels = torch.randn(batch, 3, vc.image_size, vc.image_size, generator=gen)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": pixels.to(device, model.dtype)}
+
+
+def plan_for(budget, n: int, layers: int) -> tuple[PruningPlan, PruningPlan]:
+    """(the two-stage plan of n_eff = budget, its stage-1-alone part) at K = L / 2."""
+    if budget == "all":
+        return PruningPlan(), PruningPlan()
+    n1, n2 = min(n, round(1.5 * budget)), max(1, round(0.5 * budget))
+    stage1 = dict(stage1="fastervlm", n1=n1)
+    return PruningPlan(**stage1, stage2="fastv", n2=n2, layer=layers // 2), PruningPlan(**stage1)
+
+
+def measure(model, plan: PruningPlan, inputs: dict, args, device: str, **kwargs) -> dict:
+    pruned = PrunedVLM(model, plan)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def prefill():
+        out = pruned(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
+        sync()
+        return out
+
+    with torch.no_grad():
+        ms = timed(prefill, args.repeats) * 1e3
+        with PeakMemory(device) as memory:
+            out = prefill()
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        result = {"prefill_ms": ms, "peak_mb": memory.peak / 2**20, "kv_mb": kv_bytes(cache) / 2**20}
+        if not kwargs:
+            gen = dict(do_sample=False, pad_token_id=0)
+            ttft = timed(lambda: (pruned.generate(**inputs, max_new_tokens=1, **gen), sync()), args.repeats)
+            total = timed(lambda: (pruned.generate(**inputs, max_new_tokens=args.new_tokens,
+                                                   min_new_tokens=args.new_tokens, **gen), sync()), args.repeats)
+            batch = inputs["input_ids"].shape[0]
+            result.update(ttft_ms=ttft * 1e3, decode_tok_s=batch * (args.new_tokens - 1) / max(total - ttft, 1e-9))
+    return result
+
+
+def run(args) -> list[dict]:
+    device, dtype = args.device, getattr(torch, args.dtype)
+    model = build(args.geometry, args.text_layers, args.vision_layers, dtype).to(device)
+    usual = build(args.geometry, args.text_layers, args.vision_layers, dtype, attn="eager").to(device) \
+        if args.usual else None
+    if usual is not None:
+        usual.load_state_dict(model.state_dict())
+    g = Geometry.from_llava_config(model.config)
+    full_layers = GEOMETRIES[args.geometry]["t"][1]
+    n, layers = g.num_tokens, g.layers
+    rows = []
+    for batch in args.batches:
+        inputs = inputs_for(model, batch, args.text_tokens, device)
+        text = inputs["input_ids"].shape[1] - n
+        base = base_flops = full_base = None
+        for budget in args.budgets:
+            plan, stage1_only = plan_for(budget, n, layers)
+            n1, n2 = plan.budgets(n) if not plan.is_noop else (None, None)
+            row = {"batch": batch, "budget": budget, "n1": n1, "n2": n2, "layer": plan.layer,
+                   "n_eff": n if plan.is_noop else effective_budget(n1, n2, layers // 2, layers)}
+            row.update(measure(model, plan, inputs, args, device))
+            flops = prefill_flops(g, text, n1, n2, layers // 2 if n2 else None, batch=batch)
+            full = prefill_flops(g, text, n1, n2, full_layers // 2 if n2 else None, batch=batch, layers=full_layers)
+            if plan.is_noop:
+                base, base_flops, full_base = row["prefill_ms"], flops["total"], full["total"]
+            row.update(gflops=flops["total"] / 1e9, flops_parts={k: v / 1e9 for k, v in flops.items()},
+                       speedup=base / row["prefill_ms"], ideal=base_flops / flops["total"],
+                       full_depth_ideal=full_base / full["total"])
+            row["of_ideal"] = row["speedup"] / row["ideal"]
+            if usual is not None and not plan.is_noop:
+                eager = measure(usual, plan, inputs, args, device, output_attentions=True)
+                eager1 = measure(usual, stage1_only, inputs, args, device, output_attentions=True)
+                ours1 = measure(model, stage1_only, inputs, args, device, output_attentions=False)
+                row.update(usual_prefill_ms=eager["prefill_ms"], usual_peak_mb=eager["peak_mb"],
+                           scoring_ms=max(row["prefill_ms"] - ours1["prefill_ms"], 0.0),
+                           usual_scoring_ms=max(eager["prefill_ms"] - eager1["prefill_ms"], 0.0))
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+COLUMNS = ("batch", "n_eff", "n1/n2", "prefill ms", "TTFT ms", "decode tok/s", "peak MB", "KV MB", "GFLOPs",
+           "speed-up", "ideal", "of ideal", "full-depth ideal", "usual prefill ms", "usual peak MB",
+           "scoring ms (ours / usual)")
+
+
+def format_row(r: dict) -> str:
+    def f(key, fmt):
+        return fmt.format(r[key]) if r.get(key) is not None else "-"
+
+    cells = [str(r["batch"]), f"{r['n_eff']:.0f}", "-" if r["n1"] is None else f"{r['n1']}/{r['n2']}",
+             f("prefill_ms", "{:.0f}"), f("ttft_ms", "{:.0f}"), f("decode_tok_s", "{:.1f}"), f("peak_mb", "{:.0f}"),
+             f("kv_mb", "{:.1f}"), f("gflops", "{:.1f}"), f("speedup", "{:.2f}x"), f("ideal", "{:.2f}x"),
+             f("of_ideal", "{:.0%}"), f("full_depth_ideal", "{:.2f}x"), f("usual_prefill_ms", "{:.0f}"),
+             f("usual_peak_mb", "{:.0f}"),
+             "-" if r.get("scoring_ms") is None else f"{r['scoring_ms']:.0f} / {r['usual_scoring_ms']:.0f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def write(rows: list[dict], args, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    header = (f"geometry={args.geometry} text layers={args.text_layers or 'full'} vision layers="
+              f"{args.vision_layers or 'full'} dtype={args.dtype} device={args.device} threads={torch.get_num_threads()}"
+              f" text tokens={args.text_tokens}")
+    table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)] + [format_row(r) for r in rows]
+    (out / "efficiency.md").write_text(header + "\n\n" + "\n".join(table) + "\n")
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    (out / "efficiency.json").write_text(json.dumps({"config": config, "rows": rows}, indent=2) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the PNG is optional; the table and JSON are the record
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for batch in args.batches:
+        sel = [r for r in rows if r["batch"] == batch]
+        ax.plot([r["n_eff"] for r in sel], [r["speedup"] for r in sel], "o-", label=f"achieved, batch {batch}")
+        ax.plot([r["n_eff"] for r in sel], [r["ideal"] for r in sel], "k--", alpha=0.5,
+                label="FLOPs-ideal" if batch == args.batches[0] else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("n_eff (visual tokens per layer)")
+    ax.set_ylabel("prefill speed-up")
+    ax.set_title(header.split(" dtype")[0], fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "efficiency.png", dpi=120)
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
     parser.add_argument("--text-layers", type=int)
     parser.add_argument("--vision-layers", type=int)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--text-tokens", type=int, default=40)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    parser.add_argument("--budgets", type=lambda s: [x if x == "all" else int(x) for x in s.split(",")],
+                        default=list(BUDGETS))
+    parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    model = build(args.geometry, args.text_layers, args.vision_layers, getattr(torch, args.dtype))
-    vc = model.config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    n_layers = model.config.text_config.num_hidden_layers
-    ids = torch.randint(10, 1000, (args.batch, args.text_tokens))
-    ids = torch.cat([ids[:, :5], torch.full((args.batch, n), model.config.image_token_id), ids[:, 5:]], dim=1)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-              "pixel_values": torch.randn(args.batch, 3, vc.image_size, vc.image_size, dtype=model.dtype)}
-    k = max(1, n_layers // 2)
-    n2 = max(1, n // 18)
-    plans = {
-        "unpruned": PruningPlan(),
-        f"random n1={n // 4}": PruningPlan(stage1="random", n1=n // 4),
-        f"random n1={n // 9}": PruningPlan(stage1="random", n1=n // 9),
-        f"random n1={n // 4} + fastv n2={n2} @K={k}": PruningPlan(stage1="random", n1=n // 4, stage2="fastv",
-                                                              n2=n2, layer=k),
-    }
-    print(f"geometry={args.geometry} N={n} text layers={n_layers} batch={args.batch} dtype={args.dtype} "
-          f"threads={torch.get_num_threads()}")
-    print("| plan | n_eff | prefill ms | speed-up | decode tok/s |")
-    print("|---|---|---|---|---|")
-    base = None
-    for name, plan in plans.items():
-        pruned = PrunedVLM(model, plan)
-        n1, n2 = plan.budgets(n)
-        n_eff = effective_budget(n1, n2, k, n_layers)
-        with torch.no_grad():
-            prefill = timed(lambda p=pruned: p(**inputs, logits_to_keep=1), args.repeats)
-            total = timed(lambda p=pruned: p.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False,
-                                                      min_new_tokens=args.new_tokens), args.repeats)
-        base = base or prefill
-        decode = args.batch * (args.new_tokens - 1) / max(total - prefill, 1e-9)
-        print(f"| {name} | {n_eff:.0f} | {prefill * 1e3:.1f} | {base / prefill:.2f}x | {decode:.1f} |")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-usual", dest="usual", action="store_false", help="skip the eager baseline")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.geometry == "tiny":
+        args.budgets = [b if b == "all" else max(1, b // 16) for b in args.budgets]
+    print(f"| {' | '.join(COLUMNS)} |\n|" + "---|" * len(COLUMNS))
+    rows = run(args)
+    write(rows, args, args.out)
+    return rows
 
 
 if __name__ == "__main__":
