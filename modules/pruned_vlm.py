@@ -246,6 +246,7 @@ class _Stage2State:
     budget: torch.Tensor  # (B, images) n2 of each item of each row
     query_end: torch.Tensor | None = None
     captured: tuple | None = None  # (hidden_states, position_embeddings) at the input of layer K-1
+    keys: torch.Tensor | None = None  # layer K-1's own k_proj output on the spliced sequence
     rows: torch.Tensor | None = None  # (B', L2) surviving rows of the spliced sequence
     filler: torch.Tensor | None = None  # (B', L2) rows that are left padding (None: every row keeps as many)
     kept: list[torch.Tensor] | None = None  # per item, stage-2 selection as indices into its N_i
@@ -552,6 +553,9 @@ class PrunedVLM(nn.Module):
         layers = self.adapter.language_layers()
         k = self.layer
         handles.append(layers[k - 1].register_forward_pre_hook(self._capture_hook(state), with_kwargs=True))
+        k_proj = getattr(getattr(layers[k - 1], "self_attn", None), "k_proj", None)
+        if k_proj is not None:  # reuse the keys the layer computes anyway: scoring then costs only the query rows
+            handles.append(k_proj.register_forward_hook(self._keys_hook(state)))
         handles += [layers[i].register_forward_pre_hook(self._prune_hook(state, i), with_kwargs=True)
                     for i in range(k, len(layers))]
         try:
@@ -559,13 +563,21 @@ class PrunedVLM(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-            state.captured = None
+            state.captured = state.keys = None
 
     def _capture_hook(self, state: _Stage2State):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             if state.rows is None and hidden.shape[1] == state.spliced.inputs_embeds.shape[1]:
                 state.captured = (hidden, kwargs.get("position_embeddings"))
+
+        return hook
+
+    @staticmethod
+    def _keys_hook(state: _Stage2State):
+        def hook(module, args, output):
+            if state.rows is None and output.shape[1] == state.spliced.inputs_embeds.shape[1]:
+                state.keys = output
 
         return hook
 
@@ -589,7 +601,8 @@ class PrunedVLM(nn.Module):
         if state.captured is None:
             raise RuntimeError("stage 2 found no layer K-1 input to score with; was the decoder run as usual?")
         hidden, cos_sin = state.captured
-        state.captured = None
+        keys = state.keys if state.keys is not None and state.keys.shape[0] == hidden.shape[0] else None
+        state.captured = state.keys = None
         sp, query_end, budget = state.spliced, state.query_end, state.budget
         copies = hidden.shape[0] // sp.attention_mask.shape[0]
         if copies > 1:  # beam search / num_return_sequences: generate() repeated each prompt after our splice
@@ -598,7 +611,7 @@ class PrunedVLM(nn.Module):
             budget = budget.repeat_interleave(copies, dim=0)
 
         def logits_fn(query_index: torch.Tensor) -> torch.Tensor:
-            return self.adapter.attention_logits(self.layer - 1, hidden, cos_sin, query_index)
+            return self.adapter.attention_logits(self.layer - 1, hidden, cos_sin, query_index, keys)
 
         ctx = Stage2Context(logits_fn=logits_fn, attention_mask=sp.attention_mask, vision_slots=sp.vision_slots,
                             vision_index=sp.vision_index, vision_valid=sp.vision_valid,

@@ -423,14 +423,16 @@ class VLMAdapter(ABC):
         return self.model.model.language_model
 
     def attention_logits(
-        self, layer_idx: int, hidden_states: torch.Tensor, position_embeddings, query_index: torch.Tensor
+        self, layer_idx: int, hidden_states: torch.Tensor, position_embeddings, query_index: torch.Tensor,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scaled pre-softmax attention logits of layer `layer_idx` for a few query rows.
 
         hidden_states: (B, L, D) input of that decoder layer; query_index: (B, Q) rows to score.
         Returns (B, H, Q, L), computed from the layer's own norm, projections (and per-head q/k norms where the
         family has them: Qwen3) and RoPE with the (cos, sin) the layer receives (M-RoPE already resolved to
-        (B, L, d) by the model's rotary module); never an (L, L) matrix.
+        (B, L, d) by the model's rotary module); never an (L, L) matrix. `keys`: the layer's own k_proj output
+        (B, L, kv_heads * d) when it was captured during the forward, so that only the query rows are recomputed.
         """
         layer = self.language_layers()[layer_idx]
         attn = layer.self_attn
@@ -441,7 +443,7 @@ class VLMAdapter(ABC):
         cos, sin = position_embeddings
         xq = gather_last(x, query_index)
         q = attn.q_proj(xq).view(b, xq.shape[1], -1, d)
-        k = attn.k_proj(x).view(b, length, -1, d)
+        k = (attn.k_proj(x) if keys is None else keys).view(b, length, -1, d)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
