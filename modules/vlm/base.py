@@ -282,6 +282,53 @@ def left_align(survive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return source, slot_of
 
 
+def _place_features(embeds: torch.Tensor, runs: list, content: list, kept: list[KeptItem]) -> torch.Tensor:
+    """Input embeddings with every kept token's feature at its position and every pinned token's fixed one."""
+    device = embeds.device
+    rows = torch.cat([torch.full((k.index.numel(),), r, device=device) for (r, _), k in zip(content, kept)])
+    cols = torch.cat([pos[k.index.to(device)] for (_, pos), k in zip(content, kept)])
+    embeds = embeds.index_put((rows, cols), torch.cat([k.feats for k in kept]).to(device, embeds.dtype))
+    for (row, run), item in zip(runs, kept, strict=True):
+        if item.pinned is not None:
+            embeds[row, run[item.pinned.pinned_at.to(device)]] = item.pinned.feats.to(device, embeds.dtype)
+    return embeds
+
+
+def _vision_columns(kept: list[KeptItem], content: list, slot_of: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-column arrays of `Spliced` (vision_slots, vision_index, ...): each row's kept visual tokens, its
+    items in sequence order (so slots ascend), filler columns after them when rows keep different counts."""
+    bsz, device = slot_of.shape[0], slot_of.device
+    per_row: list[list[int]] = [[] for _ in range(bsz)]
+    item_image = torch.zeros(len(kept), dtype=torch.long, device=device)
+    for i in sorted(range(len(kept)), key=lambda i: (content[i][0], int(content[i][1][0]))):
+        item_image[i] = len(per_row[content[i][0]])
+        per_row[content[i][0]].append(i)
+    width = max(sum(kept[i].index.numel() for i in items) for items in per_row)
+
+    def column(values, fill, dtype=torch.long, shape=()):
+        out = torch.full((bsz, width, *shape), fill, dtype=dtype, device=device)
+        for row, items in enumerate(per_row):
+            if items:
+                part = torch.cat([values(i) for i in items])
+                out[row, :part.shape[0]] = part
+        return out
+
+    def count(i):
+        return kept[i].index.numel()
+
+    return dict(
+        vision_slots=column(lambda i: slot_of[content[i][0], content[i][1][kept[i].index.to(device)]], 0),
+        vision_index=column(lambda i: kept[i].index.to(device), 0),
+        vision_valid=column(lambda i: kept[i].valid.to(device), False, torch.bool),
+        vision_image=column(lambda i: item_image[i].expand(count(i)), -1),
+        vision_item=column(lambda i: torch.full((count(i),), i, device=device), -1),
+        vision_grid=column(lambda i: torch.tensor(kept[i].grid, device=device).expand(count(i), 2), 1, shape=(2,)),
+        vision_extras={name: column(lambda i, name=name: kept[i].extras[name].to(device), 0, value.dtype,
+                                    value.shape[1:]) for name, value in kept[0].extras.items()},
+        item_image=item_image,
+    )
+
+
 _SCORE_CHUNK = 1 << 24  # elements of one (heads, queries, keys) attention block
 
 
@@ -497,71 +544,24 @@ class VLMAdapter(ABC):
         Kept tokens keep their ORIGINAL position ids, so RoPE sees the geometry of the unpruned prompt. Rows that
         keep fewer tokens than others are left-padded.
         """
-        bsz, seq_len = input_ids.shape
         device = input_ids.device
         runs = self.visual_spans(input_ids, [k.token_id for k in kept], [k.run_length for k in kept])
-        spans = [(row, run if k.pinned is None else run[k.pinned.content_at.to(device)])
-                 for (row, run), k in zip(runs, kept, strict=True)]
-        survive = torch.ones(bsz, seq_len, dtype=torch.bool, device=device)
-        for (row, pos), item in zip(spans, kept, strict=True):
+        content = [(row, run if k.pinned is None else run[k.pinned.content_at.to(device)])
+                   for (row, run), k in zip(runs, kept, strict=True)]
+        survive = torch.ones(input_ids.shape, dtype=torch.bool, device=device)
+        for (row, pos), item in zip(content, kept, strict=True):
             survive[row, pos] = False
             survive[row, pos[item.index.to(device)]] = True
         source, slot_of = left_align(survive)
-        filler = source < 0
         src = source.clamp(min=0)
-
-        embeds = self.embed_tokens(input_ids)
-        rows = torch.cat([torch.full((k.index.numel(),), r, device=device) for (r, _), k in zip(spans, kept)])
-        cols = torch.cat([pos[k.index.to(device)] for (_, pos), k in zip(spans, kept)])
-        feats = torch.cat([k.feats for k in kept]).to(device=device, dtype=embeds.dtype)
-        embeds = embeds.index_put((rows, cols), feats)
-        for (row, run), item in zip(runs, kept, strict=True):  # pinned tokens: fixed features, always kept
-            if item.pinned is not None:
-                embeds[row, run[item.pinned.pinned_at.to(device)]] = item.pinned.feats.to(device, embeds.dtype)
-
-        # the items of each row in sequence order: their columns come out in ascending slot order
-        order = sorted(range(len(kept)), key=lambda i: (spans[i][0], int(spans[i][1][0])))
-        item_image = torch.zeros(len(kept), dtype=torch.long, device=device)
-        per_row: list[list[int]] = [[] for _ in range(bsz)]
-        for i in order:
-            item_image[i] = len(per_row[spans[i][0]])
-            per_row[spans[i][0]].append(i)
-
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-
-        def kept_of(i):
-            return empty if i is None else kept[i].index.to(device)
-
-        width = max(sum(kept[i].index.numel() for i in items) for items in per_row)
-
-        def col(fn, fill, extra_shape=(), dtype=torch.long):
-            out = torch.full((bsz, width, *extra_shape), fill, dtype=dtype, device=device)
-            for r, items in enumerate(per_row):
-                at = 0
-                for i in items:
-                    n = kept[i].index.numel()
-                    out[r, at:at + n] = fn(i)
-                    at += n
-            return out
-
-        slots = col(lambda i: slot_of[spans[i][0], spans[i][1][kept_of(i)]], 0)
-        extras = {name: col(lambda i, name=name: kept[i].extras[name].to(device), 0, value.shape[1:], value.dtype)
-                  for name, value in kept[0].extras.items()} if kept else {}
+        embeds = _place_features(self.embed_tokens(input_ids), runs, content, kept)
         return Spliced(
             inputs_embeds=gather_last(embeds, src),
-            attention_mask=gather_last(attention_mask, src).masked_fill(filler, 0),
+            attention_mask=gather_last(attention_mask, src).masked_fill(source < 0, 0),
             position_ids=gather_position_ids(position_ids, src),
             positions=source,
-            vision_slots=slots,
-            vision_index=col(kept_of, 0),
-            vision_valid=col(lambda i: kept[i].valid.to(device), False, dtype=torch.bool),
-            vision_image=col(lambda i: item_image[i].expand(kept[i].index.numel()), -1),
-            vision_item=col(lambda i: torch.full((kept[i].index.numel(),), i, device=device), -1),
-            vision_grid=col(lambda i: torch.tensor(kept[i].grid, device=device).expand(kept[i].index.numel(), 2),
-                            1, (2,)),
-            item_row=torch.tensor([r for r, _ in spans], dtype=torch.long, device=device),
-            item_image=item_image,
-            vision_extras=extras,
+            item_row=torch.tensor([row for row, _ in content], dtype=torch.long, device=device),
+            **_vision_columns(kept, content, slot_of),
         )
 
     def select_layer_rows(self, kwargs: dict, rows: torch.Tensor, full_len: int,
