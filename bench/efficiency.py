@@ -2,10 +2,11 @@
 
     python bench/efficiency.py --geometry llava15-7b --text-layers 2 --vision-layers 2     # CPU: reduced depth
     python bench/efficiency.py --geometry llava15-7b --device cuda --dtype bfloat16         # GPU: full depth
+    python bench/efficiency.py --geometry qwen25vl-7b --text-layers 2 --vision-layers 4 --batches 1
     python bench/efficiency.py --geometry tiny                                              # seconds (tests)
 
-A randomly initialised LLaVA at the real widths (LLaVA-1.5-7B: CLIP ViT-L/336, 576 tokens, Llama-7B layers);
-latency depends on shapes, not values. For each batch size and each budget n_eff (FLOPs-equivalent visual tokens
+A randomly initialised VLM at the real widths (LLaVA-1.5-7B: CLIP ViT-L/336, 576 tokens, Llama-7B layers; or
+Qwen2.5-VL-7B with one 1008 x 1008 image, 1296 tokens); latency depends on shapes, not values. For each batch size and each budget n_eff (FLOPs-equivalent visual tokens
 per layer: `all`, 192, 128, 64, 32) the plan is FasterVLM at stage 1 (n1 = 1.5 n_eff) and FastV at stage 2
 (n2 = 0.5 n_eff from layer K = L/2), so (K n1 + (L - K) n2) / L = n_eff. Reported per configuration:
 
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from flops import Geometry, prefill_flops  # bench/ is on sys.path when this script runs
+from flops import Geometry, prefill_flops, qwen25_vl_prefill_flops  # bench/ is on sys.path when run
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from modules.budget import effective_budget
@@ -48,10 +49,48 @@ GEOMETRIES = {
     "llava15-7b": dict(v=(1024, 24, 16, 4096, 336, 14), t=(4096, 32, 32, 32, 11008, 32064)),
 }
 BUDGETS = ("all", 192, 128, 64, 32)
+# Qwen2.5-VL-7B (Qwen/Qwen2.5-VL-7B-Instruct config.json): vision 1280 wide, 16 heads, MLP 3420, 32 blocks with
+# full attention in 7/15/23/31 (windows of 112 px elsewhere); LM 3584 wide, 28 layers, 28 heads, 4 kv heads, MLP
+# 18944. The vocabulary is cut to 32064 (it only sizes the LM head's one row); one 1008 x 1008 image = 72 x 72
+# patches = 1296 merged tokens.
+QWEN25_VL_7B = dict(vision=dict(hidden_size=1280, num_heads=16, intermediate_size=3420, depth=32, patch_size=14,
+                                window_size=112, fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=3584,
+                                spatial_merge_size=2, temporal_patch_size=2),
+                    text=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                              intermediate_size=18944, vocab_size=32064, max_position_embeddings=8192,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                               "mrope_section": [16, 24, 24]}),
+                    grid=(72, 72))
+
+
+def build_qwen25_vl(text_layers: int | None, vision_layers: int | None, dtype, attn: str = "sdpa"):
+    """A random Qwen2.5-VL at 7B widths; with reduced vision depth the full-attention blocks keep their share (the
+    last block of every quarter)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = dict(QWEN25_VL_7B["vision"])
+    if vision_layers:
+        vision["depth"] = vision_layers
+        quarter = max(1, vision_layers // 4)
+        vision["fullatt_block_indexes"] = sorted({min(vision_layers, i + quarter) - 1
+                                                  for i in range(0, vision_layers, quarter)})
+    text = dict(QWEN25_VL_7B["text"])
+    if text_layers:
+        text["num_hidden_layers"] = text_layers
+    vocab = text["vocab_size"]
+    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=vocab - 1,
+                           video_token_id=vocab - 2, vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 4)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).to(dtype).eval()
+    model.generation_config.pad_token_id = 0
+    return model
 
 
 def build(geometry: str, text_layers: int | None, vision_layers: int | None, dtype, attn: str = "sdpa"
           ) -> LlavaForConditionalGeneration:
+    if geometry == "qwen25vl-7b":
+        return build_qwen25_vl(text_layers, vision_layers, dtype, attn)
     (vh, vl, vheads, vffn, img, patch), (th, tl, theads, kv, ffn, vocab) = (GEOMETRIES[geometry]["v"],
                                                                            GEOMETRIES[geometry]["t"])
     vision = CLIPVisionConfig(hidden_size=vh, intermediate_size=vffn, num_hidden_layers=vision_layers or vl,
@@ -124,7 +163,26 @@ def kv_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+def qwen_inputs(model, batch: int, text: int, device: str) -> dict:
+    """One image of QWEN25_VL_7B["grid"] patches per prompt: flat patches, grid, placeholder ids, token types."""
+    cfg, (h, w) = model.config, QWEN25_VL_7B["grid"]
+    vc = cfg.vision_config
+    n = h * w // vc.spatial_merge_size**2
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 1000, (batch, text), generator=gen)
+    image = torch.cat([torch.tensor([cfg.vision_start_token_id]), torch.full((n,), cfg.image_token_id),
+                       torch.tensor([cfg.vision_end_token_id])]).expand(batch, -1)
+    ids = torch.cat([ids[:, :5], image, ids[:, 5:]], dim=1)
+    pixels = torch.randn(batch * h * w, 3 * vc.temporal_patch_size * vc.patch_size**2, generator=gen)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "mm_token_type_ids": (ids == cfg.image_token_id).long().to(device),
+            "pixel_values": pixels.to(device, model.dtype),
+            "image_grid_thw": torch.tensor([[1, h, w]] * batch).to(device)}
+
+
 def inputs_for(model, batch: int, text: int, device: str) -> dict:
+    if model.config.model_type == "qwen2_5_vl":
+        return qwen_inputs(model, batch, text, device)
     vc = model.config.vision_config
     n = (vc.image_size // vc.patch_size) ** 2
     gen = torch.Generator().manual_seed(0)
@@ -205,13 +263,25 @@ def run(args) -> list[dict]:
         if args.usual else None
     if usual is not None:
         usual.load_state_dict(model.state_dict())
-    g = Geometry.from_llava_config(model.config)
-    full_layers = GEOMETRIES[args.geometry]["t"][1]
-    n, layers = g.num_tokens, g.layers
+    qwen = args.geometry == "qwen25vl-7b"
+    if qwen:
+        grid = QWEN25_VL_7B["grid"]
+        n, layers = grid[0] * grid[1] // 4, model.config.text_config.num_hidden_layers
+        full_layers = QWEN25_VL_7B["text"]["num_hidden_layers"]
+
+        def flops_of(text, n1, n2, layer, batch, depth=None):
+            return qwen25_vl_prefill_flops(model.config, grid, text, n1, n2, layer, batch=batch, layers=depth)
+    else:
+        g = Geometry.from_llava_config(model.config)
+        full_layers = GEOMETRIES[args.geometry]["t"][1]
+        n, layers = g.num_tokens, g.layers
+
+        def flops_of(text, n1, n2, layer, batch, depth=None):
+            return prefill_flops(g, text, n1, n2, layer, batch=batch, layers=depth)
     rows = []
     for batch in args.batches:
         inputs = inputs_for(model, batch, args.text_tokens, device)
-        text = inputs["input_ids"].shape[1] - n
+        text = inputs["input_ids"].shape[1] - n  # Qwen: the vision start/end tokens count as text
         base = base_flops = full_base = None
         for budget in args.budgets:
             plan, stage1_only = plan_for(budget, n, layers)
@@ -219,8 +289,8 @@ def run(args) -> list[dict]:
             row = {"batch": batch, "budget": budget, "n1": n1, "n2": n2, "layer": plan.layer,
                    "n_eff": n if plan.is_noop else effective_budget(n1, n2, layers // 2, layers)}
             row.update(measure(model, plan, inputs, args, device))
-            flops = prefill_flops(g, text, n1, n2, layers // 2 if n2 else None, batch=batch)
-            full = prefill_flops(g, text, n1, n2, full_layers // 2 if n2 else None, batch=batch, layers=full_layers)
+            flops = flops_of(text, n1, n2, layers // 2 if n2 else None, batch)
+            full = flops_of(text, n1, n2, full_layers // 2 if n2 else None, batch, full_layers)
             if plan.is_noop:
                 base, base_flops, full_base = row["prefill_ms"], flops["total"], full["total"]
             row.update(gflops=flops["total"] / 1e9, flops_parts={k: v / 1e9 for k, v in flops.items()},
@@ -292,7 +362,7 @@ def write(rows: list[dict], args, out: Path) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES) + ["qwen25vl-7b"], default="tiny")
     parser.add_argument("--text-layers", type=int)
     parser.add_argument("--vision-layers", type=int)
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])

@@ -111,3 +111,53 @@ def prefill_flops(g: Geometry, text: int, n1: int | None = None, n2: int | None 
     parts = {name: value * batch for name, value in parts.items()}
     parts["total"] = sum(parts.values())
     return parts
+
+
+def qwen25_vl_prefill_flops(config, grid: tuple[int, int], text: int, n1: int | None = None, n2: int | None = None,
+                            layer: int | None = None, batch: int = 1, layers: int | None = None) -> dict[str, int]:
+    """FLOPs of one Qwen2.5-VL prefill with one image of (h, w) patches (N = h w / 4 merged tokens), by part.
+
+    vision tower  Conv3d patch embedding 2 P (C T p^2) d_v over P = h w patches, then per block 2 P (3 d_v^2 + d_v^2)
+                  (qkv, proj) + 2 P 3 d_v f_v (gated MLP) + 4 S d_v, where S = P^2 for full-attention blocks and
+                  S = sum of squared window sizes (the model's own window partition) for windowed ones
+    merger        2 N ((4 d_v)^2 + 4 d_v D)
+    LM, LM head   as `prefill_flops` (Qwen2 layers: the biases are additions, not counted)
+    pruner        the mean-query attention recompute of the last full-attention block (2 P d_v 3 d_v + 2 P^2 d_v)
+                  and stage 2's query rows (as `pruner_flops`)
+    """
+    import torch
+    from transformers.vision_utils import get_vision_window_index
+
+    vc, tc = config.vision_config, config.get_text_config()
+    h, w = grid
+    patches = h * w
+    n = patches // vc.spatial_merge_size**2
+    dv, fv = vc.hidden_size, vc.intermediate_size
+    _, cu = get_vision_window_index(torch.tensor([[1, h, w]]), spatial_merge_size=vc.spatial_merge_size,
+                                    window_size=vc.window_size, patch_size=vc.patch_size)
+    windows = (cu[1:] - cu[:-1]).tolist()
+    full = set(vc.fullatt_block_indexes)
+    embed = 2 * patches * vc.in_channels * vc.temporal_patch_size * vc.patch_size**2 * dv
+    blocks = sum(2 * patches * 4 * dv * dv + 2 * patches * 3 * dv * fv
+                 + 4 * (patches**2 if i in full else sum(x * x for x in windows)) * dv for i in range(vc.depth))
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    g = Geometry(v_hidden=dv, v_layers=0, v_ffn=fv, image=1, patch=1, hidden=tc.hidden_size,
+                 layers=tc.num_hidden_layers, heads=tc.num_attention_heads, kv_heads=tc.num_key_value_heads,
+                 head_dim=head_dim, ffn=tc.intermediate_size, vocab=tc.vocab_size, cls_tokens=0)
+    depth = layers or g.layers
+    pruned = n1 is not None
+    length1 = text + (n1 if pruned else n)
+    k = depth if n2 is None else (layer if layer is not None else depth // 2)
+    merge_dim = dv * vc.spatial_merge_size**2
+    parts = {
+        "vision": embed + blocks,
+        "projector": 2 * n * (merge_dim * merge_dim + merge_dim * tc.hidden_size),
+        "lm_before_k": k * lm_layer_flops(g, length1),
+        "lm_after_k": 0 if n2 is None else (depth - k) * lm_layer_flops(g, text + n2),
+        "lm_head": 2 * tc.hidden_size * tc.vocab_size,
+        "pruner": (2 * patches * dv * 3 * dv + 2 * patches**2 * dv + pruner_flops(g, False, n2, length1))
+        if pruned else 0,
+    }
+    parts = {name: value * batch for name, value in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts

@@ -70,3 +70,31 @@ def test_efficiency_benchmark_runs_at_tiny_size(tmp_path):
         layers, k = 4, 2
         expected = (k * (text + r["n1"]) + (layers - k) * (text + r["n2"])) / (layers * (text + 16))
         assert abs(r["kv_mb"] / base["kv_mb"] - expected) < 1e-6
+
+
+@pytest.mark.parametrize("plan_args", [{}, {"n1": 4}, {"n1": 4, "n2": 2, "layer": 3}],
+                         ids=["unpruned", "stage1", "stage1+2"])
+def test_qwen25_vl_flops_model_equals_pytorchs_count(plan_args):
+    """Windowed and full-attention vision blocks (the model's own window partition), the merger, M-RoPE layers."""
+    import numpy as np
+    from PIL import Image
+
+    from data.tiny import tiny_qwen, tiny_qwen_processor, tiny_qwen_tokenizer
+    from flops import qwen25_vl_prefill_flops
+
+    tokenizer = tiny_qwen_tokenizer(family="qwen2_5_vl")
+    processor = tiny_qwen_processor("qwen2_5_vl", tokenizer)
+    model = tiny_qwen("qwen2_5_vl", tokenizer, attn_implementation="eager")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (130, 64, 3), dtype=np.uint8))
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                        "text": "red"}]}],
+                                         add_generation_prompt=True)
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    _, h, w = inputs["image_grid_thw"][0].tolist()
+    plan = PruningPlan(**({"stage1": "random", "n1": plan_args["n1"]} if plan_args else {}),
+                       **({"stage2": "fastv", "n2": plan_args["n2"], "layer": plan_args["layer"]}
+                          if "n2" in plan_args else {}))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        PrunedVLM(model, plan)(**inputs, logits_to_keep=1)
+    text_tokens = inputs["input_ids"].shape[1] - h * w // 4
+    assert counter.get_total_flops() == qwen25_vl_prefill_flops(model.config, (h, w), text_tokens, **plan_args)["total"]
