@@ -226,7 +226,9 @@ def measure(model, plan: PruningPlan, inputs: dict, args, device: str, **kwargs)
             total = timed(lambda: (pruned.generate(**inputs, max_new_tokens=args.new_tokens,
                                                    min_new_tokens=args.new_tokens, **gen), sync()), args.repeats)
             batch = inputs["input_ids"].shape[0]
-            result.update(ttft_ms=ttft * 1e3, decode_tok_s=batch * (args.new_tokens - 1) / max(total - ttft, 1e-9))
+            # None when timing noise swamps the decode steps (a single repeat of a slow prefill)
+            decode = batch * (args.new_tokens - 1) / (total - ttft) if total - ttft > 0.05 * ttft else None
+            result.update(ttft_ms=ttft * 1e3, decode_tok_s=decode)
     return result
 
 

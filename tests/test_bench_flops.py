@@ -77,10 +77,10 @@ def test_efficiency_benchmark_runs_at_tiny_size(tmp_path):
 def test_qwen25_vl_flops_model_equals_pytorchs_count(plan_args):
     """Windowed and full-attention vision blocks (the model's own window partition), the merger, M-RoPE layers."""
     import numpy as np
+    from flops import qwen25_vl_prefill_flops
     from PIL import Image
 
     from data.tiny import tiny_qwen, tiny_qwen_processor, tiny_qwen_tokenizer
-    from flops import qwen25_vl_prefill_flops
 
     tokenizer = tiny_qwen_tokenizer(family="qwen2_5_vl")
     processor = tiny_qwen_processor("qwen2_5_vl", tokenizer)
