@@ -42,6 +42,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from modules.budget import effective_budget
 from modules.pruned_vlm import PrunedVLM, PruningPlan
+from modules.selectors import SELECTORS
 
 GEOMETRIES = {
     # vision: hidden, layers, heads, MLP, image, patch | text: hidden, layers, heads, kv heads, MLP, vocab
@@ -193,12 +194,12 @@ def inputs_for(model, batch: int, text: int, device: str) -> dict:
             "pixel_values": pixels.to(device, model.dtype)}
 
 
-def plan_for(budget, n: int, layers: int) -> tuple[PruningPlan, PruningPlan]:
+def plan_for(budget, n: int, layers: int, selector: str = "fastervlm") -> tuple[PruningPlan, PruningPlan]:
     """(the two-stage plan of n_eff = budget, its stage-1-alone part) at K = L / 2."""
     if budget == "all":
         return PruningPlan(), PruningPlan()
     n1, n2 = min(n, round(1.5 * budget)), max(1, round(0.5 * budget))
-    stage1 = dict(stage1="fastervlm", n1=n1)
+    stage1 = dict(stage1=selector, n1=n1)
     return PruningPlan(**stage1, stage2="fastv", n2=n2, layer=layers // 2), PruningPlan(**stage1)
 
 
@@ -271,8 +272,11 @@ def run(args) -> list[dict]:
         n, layers = grid[0] * grid[1] // 4, model.config.text_config.num_hidden_layers
         full_layers = QWEN25_VL_7B["text"]["num_hidden_layers"]
 
+        score = SELECTORS.build(args.stage1).needs_attention()  # the [CLS]-free score costs a full attention
+
         def flops_of(text, n1, n2, layer, batch, depth=None):
-            return qwen25_vl_prefill_flops(model.config, grid, text, n1, n2, layer, batch=batch, layers=depth)
+            return qwen25_vl_prefill_flops(model.config, grid, text, n1, n2, layer, batch=batch, layers=depth,
+                                           score=score)
     else:
         g = Geometry.from_llava_config(model.config)
         full_layers = GEOMETRIES[args.geometry]["t"][1]
@@ -286,7 +290,7 @@ def run(args) -> list[dict]:
         text = inputs["input_ids"].shape[1] - n  # Qwen: the vision start/end tokens count as text
         base = base_flops = full_base = None
         for budget in args.budgets:
-            plan, stage1_only = plan_for(budget, n, layers)
+            plan, stage1_only = plan_for(budget, n, layers, args.stage1)
             n1, n2 = plan.budgets(n) if not plan.is_noop else (None, None)
             row = {"batch": batch, "budget": budget, "n1": n1, "n2": n2, "layer": plan.layer,
                    "n_eff": n if plan.is_noop else effective_budget(n1, n2, layers // 2, layers)}
@@ -333,7 +337,7 @@ def format_row(r: dict) -> str:
 
 def write(rows: list[dict], args, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    header = (f"geometry={args.geometry} text layers={args.text_layers or 'full'} vision layers="
+    header = (f"geometry={args.geometry} stage 1={args.stage1} text layers={args.text_layers or 'full'} vision layers="
               f"{args.vision_layers or 'full'} dtype={args.dtype} device={args.device} threads={torch.get_num_threads()}"
               f" text tokens={args.text_tokens}")
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)] + [format_row(r) for r in rows]
@@ -370,6 +374,8 @@ def parse_args(argv=None):
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     parser.add_argument("--budgets", type=lambda s: [x if x == "all" else int(x) for x in s.split(",")],
                         default=list(BUDGETS))
+    parser.add_argument("--stage1", default="fastervlm",
+                        help="stage-1 selector (a learned head costs like 'pool': it reads no attention)")
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)

@@ -114,7 +114,8 @@ def prefill_flops(g: Geometry, text: int, n1: int | None = None, n2: int | None 
 
 
 def qwen25_vl_prefill_flops(config, grid: tuple[int, int], text: int, n1: int | None = None, n2: int | None = None,
-                            layer: int | None = None, batch: int = 1, layers: int | None = None) -> dict[str, int]:
+                            layer: int | None = None, batch: int = 1, layers: int | None = None,
+                            score: bool = True) -> dict[str, int]:
     """FLOPs of one Qwen2.5-VL prefill with one image of (h, w) patches (N = h w / 4 merged tokens), by part.
 
     vision tower  Conv3d patch embedding 2 P (C T p^2) d_v over P = h w patches, then per block 2 P (3 d_v^2 + d_v^2)
@@ -122,8 +123,8 @@ def qwen25_vl_prefill_flops(config, grid: tuple[int, int], text: int, n1: int | 
                   S = sum of squared window sizes (the model's own window partition) for windowed ones
     merger        2 N ((4 d_v)^2 + 4 d_v D)
     LM, LM head   as `prefill_flops` (Qwen2 layers: the biases are additions, not counted)
-    pruner        the mean-query attention recompute of the last full-attention block (2 P d_v 3 d_v + 2 P^2 d_v)
-                  and stage 2's query rows (as `pruner_flops`)
+    pruner        the mean-query attention recompute of the last full-attention block (2 P d_v 3 d_v + 2 P^2 d_v;
+                  only with `score`, i.e. when the stage-1 selector reads attention) and stage 2's query rows
     """
     import torch
     from transformers.vision_utils import get_vision_window_index
@@ -155,8 +156,8 @@ def qwen25_vl_prefill_flops(config, grid: tuple[int, int], text: int, n1: int | 
         "lm_before_k": k * lm_layer_flops(g, length1),
         "lm_after_k": 0 if n2 is None else (depth - k) * lm_layer_flops(g, text + n2),
         "lm_head": 2 * tc.hidden_size * tc.vocab_size,
-        "pruner": (2 * patches * dv * 3 * dv + 2 * patches**2 * dv + pruner_flops(g, False, n2, length1))
-        if pruned else 0,
+        "pruner": ((2 * patches * dv * 3 * dv + 2 * patches**2 * dv if score else 0)
+                   + pruner_flops(g, False, n2, length1)) if pruned else 0,
     }
     parts = {name: value * batch for name, value in parts.items()}
     parts["total"] = sum(parts.values())

@@ -276,6 +276,8 @@ class PrunedVLM(nn.Module):
         self.adapter: VLMAdapter = get_adapter(model, processor)
         self.adapter.video_unit = plan.video
         self.adapter.view_unit = plan.views
+        # towers without [CLS] pay a full-attention pass for the score: only when the stage-1 selector reads it
+        self.adapter.needs_attention = plan.selector is None or plan.selector.needs_attention()
         self.selector = plan.selector  # registered as a submodule when it is one (learned heads)
         self.scorer = plan.scorer
         if hasattr(self.selector, "check_compatible"):

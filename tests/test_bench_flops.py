@@ -72,8 +72,9 @@ def test_efficiency_benchmark_runs_at_tiny_size(tmp_path):
         assert abs(r["kv_mb"] / base["kv_mb"] - expected) < 1e-6
 
 
-@pytest.mark.parametrize("plan_args", [{}, {"n1": 4}, {"n1": 4, "n2": 2, "layer": 3}],
-                         ids=["unpruned", "stage1", "stage1+2"])
+@pytest.mark.parametrize("plan_args", [{}, {"n1": 4}, {"n1": 4, "n2": 2, "layer": 3},
+                                       {"n1": 4, "selector": "fastervlm"}],
+                         ids=["unpruned", "stage1", "stage1+2", "attention-score"])
 def test_qwen25_vl_flops_model_equals_pytorchs_count(plan_args):
     """Windowed and full-attention vision blocks (the model's own window partition), the merger, M-RoPE layers."""
     import numpy as np
@@ -91,10 +92,14 @@ def test_qwen25_vl_flops_model_equals_pytorchs_count(plan_args):
                                          add_generation_prompt=True)
     inputs = processor(images=[image], text=[text], return_tensors="pt")
     _, h, w = inputs["image_grid_thw"][0].tolist()
-    plan = PruningPlan(**({"stage1": "random", "n1": plan_args["n1"]} if plan_args else {}),
+    plan_args = dict(plan_args)
+    selector = plan_args.pop("selector", "random")
+    plan = PruningPlan(**({"stage1": selector, "n1": plan_args["n1"]} if plan_args else {}),
                        **({"stage2": "fastv", "n2": plan_args["n2"], "layer": plan_args["layer"]}
                           if "n2" in plan_args else {}))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         PrunedVLM(model, plan)(**inputs, logits_to_keep=1)
     text_tokens = inputs["input_ids"].shape[1] - h * w // 4
-    assert counter.get_total_flops() == qwen25_vl_prefill_flops(model.config, (h, w), text_tokens, **plan_args)["total"]
+    score = plan.selector is not None and plan.selector.needs_attention()  # "random" reads no attention
+    expected = qwen25_vl_prefill_flops(model.config, (h, w), text_tokens, **plan_args, score=score)
+    assert counter.get_total_flops() == expected["total"]

@@ -419,3 +419,21 @@ def test_stage2_pads_rows_the_model_left_unpadded(qwen, family, impl):
         torch.testing.assert_close(alone, out.logits[row, -1], atol=1e-5, rtol=1e-5)
         assert torch.equal(pruned.generate(**single, **generation(processor))[0, single["input_ids"].shape[1]:],
                            generated[row])
+
+
+def test_the_attention_score_is_computed_only_for_selectors_that_read_it(qwen, monkeypatch):
+    """A full-attention pass over every patch pair is the price of a [CLS]-free score: a learned head or pool
+    does not pay it, FasterVLM (and a debiased FasterVLM) does, and both give the same logits path otherwise."""
+    from modules.vlm.qwen import QwenVLAdapter
+
+    processor, models = qwen
+    batch = image_batch(processor)
+    calls = []
+    original = QwenVLAdapter._mean_query_attention
+    monkeypatch.setattr(QwenVLAdapter, "_mean_query_attention",
+                        staticmethod(lambda *a: calls.append(1) or original(*a)))
+    for stage1, expected in (("pool", 0), ("random", 0), ("fastervlm", 1), ({"name": "debiased"}, 1)):
+        calls.clear()
+        with torch.no_grad():
+            PrunedVLM(models["sdpa"], PruningPlan(stage1=stage1, n1=0.5))(**batch)
+        assert len(calls) == expected, stage1

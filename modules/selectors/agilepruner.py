@@ -60,6 +60,8 @@ class AgilePruner(Selector, Calibrated):
     Shapes: VisionTokens.feats (B, N, D) and cls_attn (B, N) (required) -> keep (B, n).
     """
 
+    reads_attention = True
+
     tau0: float = 0.01
     tau_max: float = 0.3
     center: bool = True

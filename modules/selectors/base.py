@@ -23,6 +23,12 @@ class Selector(ABC):
     """Picks which visual tokens survive stage 1. Subclasses implement `keep`."""
 
     name: str = "selector"
+    reads_attention: bool = False  # reads VisionTokens.cls_attn (the adapter computes it only when some selector does)
+
+    def needs_attention(self) -> bool:
+        """Whether this selector (or the one it wraps) reads `VisionTokens.cls_attn`."""
+        inner = getattr(self, "inner", None)
+        return self.reads_attention or (isinstance(inner, Selector) and inner.needs_attention())
 
     def select(self, tokens: VisionTokens, n: int | float) -> torch.Tensor:
         """(B, n) indices into the N tokens, sorted ascending, never a padding token while valid ones remain."""

@@ -21,6 +21,8 @@ class FasterVLMSelector(ScoreSelector):
     No parameters: everything is fixed by the paper.
     """
 
+    reads_attention = True
+
     def score(self, tokens: VisionTokens) -> torch.Tensor:
         attn = tokens.cls_attn
         if attn is None:

@@ -35,6 +35,8 @@ class VisPrunerSelector(Selector):
     with the highest-s padding tokens.
     """
 
+    reads_attention = True
+
     important_ratio: float = 0.5
 
     def __post_init__(self) -> None:

@@ -403,6 +403,7 @@ class VLMAdapter(ABC):
     model_types: tuple[str, ...] = ()
     video_unit: str = "clip"  # the plan's `video`: a clip is one item, or each frame is ("frame")
     view_unit: str = "image"  # the plan's `views`: an AnyRes image is one item, or each view is ("view")
+    needs_attention: bool = True  # False when the plan's stage-1 selector never reads `cls_attn` (skip computing it)
 
     def __init__(self, model: nn.Module, processor=None):
         """`processor`: the processor (or image processor) the inputs are made with, or None. Adapters read from it

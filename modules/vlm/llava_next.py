@@ -177,7 +177,8 @@ class AnyResAdapter(VLMAdapter):
         out = self.vision_tower(pixels, output_hidden_states=True, return_dict=True)
         layers = self._feature_layers()
         pre = torch.cat([out.hidden_states[i][:, self._drop_cls:] for i in layers], dim=-1)
-        return pre, self.projector(pre), self._attention(out.hidden_states, layers[-1])
+        attn = self._attention(out.hidden_states, layers[-1]) if self.needs_attention else None
+        return pre, self.projector(pre), attn
 
     def _encode_images(self, vision: dict) -> list[tuple[VisionTokens, Pinned]]:
         pixels, sizes = vision["pixel_values"], torch.as_tensor(vision["image_sizes"]).view(-1, 2)
@@ -192,7 +193,8 @@ class AnyResAdapter(VLMAdapter):
             return self._pack(list(t.split(views)), sizes, newline)
 
         packed = pack(feats, self.model.model.image_newline)
-        packed_pre, packed_attn = pack(pre), pack(attn.unsqueeze(-1))
+        packed_pre = pack(pre)
+        packed_attn = None if attn is None else pack(attn.unsqueeze(-1))
         packed_valid = pack(valid.unsqueeze(-1).to(pre.device, pre.dtype))
         out, start = [], {}
         for i, content, grid in self._segments(views, sizes):
@@ -203,7 +205,7 @@ class AnyResAdapter(VLMAdapter):
             at, newline = content.nonzero().flatten(), (~content).nonzero().flatten()
             pick = lambda t, span=span, at=at: t[span][at]  # noqa: E731
             tokens = VisionTokens(feats=pick(packed[i]).unsqueeze(0), pre=pick(packed_pre[i]).unsqueeze(0),
-                                  cls_attn=pick(packed_attn[i])[:, 0].unsqueeze(0),
+                                  cls_attn=None if attn is None else pick(packed_attn[i])[:, 0].unsqueeze(0),
                                   valid=(pick(packed_valid[i])[:, 0] > 0.5).unsqueeze(0), grid=grid)
             out.append((tokens, Pinned(run_length=int(content.numel()), content_at=at, pinned_at=newline,
                                        feats=packed[i][span][newline])))
@@ -215,7 +217,8 @@ class AnyResAdapter(VLMAdapter):
         count, frames = videos.shape[:2]
         pre, feats, attn = self._tower(videos.flatten(0, 1))
         pool = self.model.model.apply_pooling
-        pre, feats, attn = pool(pre), pool(feats), pool(attn.unsqueeze(-1))[..., 0]  # (videos * frames, P, .)
+        pre, feats = pool(pre), pool(feats)  # (videos * frames, P, .)
+        attn = None if attn is None else pool(attn.unsqueeze(-1))[..., 0]
         side = math.ceil(self.side / 2)
         per_frame = side * side
         newline = self.model.model.image_newline
@@ -226,7 +229,8 @@ class AnyResAdapter(VLMAdapter):
             at = torch.arange(n_frames * per_frame, device=pre.device)
             ends = (~content).nonzero().flatten().to(pre.device)
             tokens = VisionTokens(feats=feats[rows].reshape(1, -1, feats.shape[-1]),
-                                  pre=pre[rows].reshape(1, -1, pre.shape[-1]), cls_attn=attn[rows].reshape(1, -1),
+                                  pre=pre[rows].reshape(1, -1, pre.shape[-1]),
+                                  cls_attn=None if attn is None else attn[rows].reshape(1, -1),
                                   grid=(n_frames * side, side))
             out.append((tokens, Pinned(run_length=int(content.numel()), content_at=at, pinned_at=ends,
                                        feats=newline.expand(ends.numel(), -1))))

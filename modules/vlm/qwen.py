@@ -122,28 +122,33 @@ class QwenVLAdapter(VLMAdapter):
             captured["cu_seqlens"] = kwargs["cu_seqlens"]
             captured["position_embeddings"] = kwargs["position_embeddings"]
 
-        handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+        handle = block.register_forward_pre_hook(capture, with_kwargs=True) if self.needs_attention else None
         try:
             out = self.visual(pixels.to(self.visual.dtype), grid_thw=grids.to(pixels.device), return_dict=True)
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
         group = self.merge**2
         pre = out.last_hidden_state.view(-1, group * out.last_hidden_state.shape[-1])  # (sum N, 4 Dv)
         feats = out.pooler_output  # merged tokens, raster order
-        attn = self._mean_query_attention(block, captured).view(-1, group).mean(dim=1)  # (sum N,)
+        attn = None
+        if self.needs_attention:  # (sum N,): a softmax over every patch pair of each image: only when read
+            attn = self._mean_query_attention(block, captured).view(-1, group).mean(dim=1)
         deepstack = [f.view(-1, f.shape[-1]) for f in (getattr(out, "deepstack_features", None) or [])]
         if self.family == "qwen2_5_vl":  # the tower's window order back to raster order
             raster = torch.argsort(self._window_index(grids).to(pre.device))
-            pre, attn = pre[raster], attn[raster]
+            pre, attn = pre[raster], (None if attn is None else attn[raster])
         sizes = (grids.prod(dim=-1) // group).tolist()
         merged = [(int(t), int(h) // self.merge, int(w) // self.merge) for t, h, w in grids.tolist()]
         result = []
-        for i, (p, f, a, (t, h, w)) in enumerate(zip(pre.split(sizes), feats.split(sizes), attn.split(sizes),
-                                                     merged, strict=True)):
+        attns = [None] * len(sizes) if attn is None else attn.split(sizes)
+        for i, (p, f, a, (t, h, w)) in enumerate(zip(pre.split(sizes), feats.split(sizes), attns, merged,
+                                                     strict=True)):
             extras = {}
             if deepstack:
                 extras["deepstack"] = torch.stack([d.split(sizes)[i] for d in deepstack], dim=1).unsqueeze(0)
-            result.append(VisionTokens(feats=f.unsqueeze(0), pre=p.unsqueeze(0), cls_attn=a.unsqueeze(0),
+            result.append(VisionTokens(feats=f.unsqueeze(0), pre=p.unsqueeze(0),
+                                       cls_attn=None if a is None else a.unsqueeze(0),
                                        grid=(t * h, w), extras=extras))
         return result
 
