@@ -149,16 +149,11 @@ def tiny_llava_config(
 def tiny_llava(tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0,
                **config_kwargs) -> LlavaForConditionalGeneration:
     """A randomly initialised LlavaForConditionalGeneration (CLIP vision + Llama text), in eval mode."""
-    import torch
 
     tokenizer = tokenizer or tiny_tokenizer()
     cfg = tiny_llava_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"),
                             pad_token_id=tokenizer.pad_token_id, **config_kwargs)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    return _random_model(LlavaForConditionalGeneration, cfg, tokenizer, seed)
 
 
 def tiny_llava_processor(tokenizer: PreTrainedTokenizerFast | None = None, image_size: int = 32,
@@ -334,18 +329,13 @@ def tiny_qwen_config(family: str, tokenizer: PreTrainedTokenizerFast, text_hidde
 def tiny_qwen(family: str, tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, **config_kwargs):
     """A randomly initialised Qwen2VL / Qwen2_5_VL / Qwen3VL ForConditionalGeneration (see `tiny_qwen_config`), in
     eval mode, over `tiny_qwen_tokenizer`'s vocabulary."""
-    import torch
 
     _check_family(family)
     tokenizer = tokenizer or tiny_qwen_tokenizer(family=family)
     cfg = tiny_qwen_config(family, tokenizer, **config_kwargs)
     cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
            "qwen3_vl": Qwen3VLForConditionalGeneration}[family]
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    return _random_model(cls, cfg, tokenizer, seed)
 
 
 # -- tiny LLaVA-NeXT / LLaVA-OneVision (AnyRes) --------------------------------------------------------------------
@@ -419,15 +409,10 @@ def tiny_llava_next_config(tokenizer: PreTrainedTokenizerFast, tile: int = LLAVA
 def tiny_llava_next(tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0,
                     attn_implementation: str = "sdpa", **config_kwargs) -> LlavaNextForConditionalGeneration:
     """A randomly initialised LlavaNextForConditionalGeneration (see `tiny_llava_next_config`), in eval mode."""
-    import torch
 
     tokenizer = tokenizer or tiny_tokenizer()
     cfg = tiny_llava_next_config(tokenizer, attn_implementation=attn_implementation, **config_kwargs)
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    return _random_model(LlavaNextForConditionalGeneration, cfg, tokenizer, seed)
 
 
 class TinyLlavaOnevisionProcessor(_ImagesOnly, LlavaOnevisionProcessor):
@@ -494,12 +479,18 @@ def tiny_llava_onevision(tokenizer: PreTrainedTokenizerFast | None = None, seed:
                          **config_kwargs) -> LlavaOnevisionForConditionalGeneration:
     """A randomly initialised LlavaOnevisionForConditionalGeneration (see `tiny_llava_onevision_config`), in eval
     mode, over `tiny_llava_onevision_tokenizer`'s vocabulary."""
-    import torch
 
     tokenizer = tokenizer or tiny_llava_onevision_tokenizer()
     cfg = tiny_llava_onevision_config(tokenizer, attn_implementation=attn_implementation, **config_kwargs)
+    return _random_model(LlavaOnevisionForConditionalGeneration, cfg, tokenizer, seed)
+
+
+def _random_model(cls, cfg, tokenizer: PreTrainedTokenizerFast, seed: int):
+    """`cls(cfg)` with weights drawn from `seed`, in eval mode, generating with the tokenizer's pad and eos."""
+    import torch
+
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    model = cls(cfg).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

@@ -473,8 +473,7 @@ class DistillPruner(L.LightningModule):
     def item_rows(self, batch: dict) -> list[int]:
         """The row (prompt) of every visual item of a batch."""
         vision, _ = self.pruned.split_vision(batch)
-        layout = self.pruned.adapter.visual_items(vision)
-        spans = self.pruned.adapter.visual_spans(batch["input_ids"], [t for t, _ in layout], [n for _, n in layout])
+        spans = self.pruned.adapter.item_spans(batch["input_ids"], vision)
         return [row for row, _ in spans]
 
     @torch.no_grad()

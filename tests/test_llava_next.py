@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_qwen import ReplayScorer
+from test_qwen import ReplayScorer, item_places
 
 from conftest import eager_text_to_vision, make_images
 from data.tiny import (
@@ -118,8 +118,7 @@ def test_ratio_budgets_count_content_tokens_and_newlines_always_stay(anyres):
         expected = [max(1, int(ratio * n + 0.5)) for n in encoded.lengths]
         assert [len(k) for k in out.pruning.kept[stage]] == expected == out.pruning.budgets[stage]
     # every image_newline placeholder survives both stages, at its original position
-    layout = pruned.adapter.visual_items(vision)
-    runs = pruned.adapter.visual_spans(batch["input_ids"], [t for t, _ in layout], [n for _, n in layout])
+    runs = pruned.adapter.item_spans(batch["input_ids"], vision)
     for (row, run), pinned in zip(runs, encoded.pinned, strict=True):
         assert bool(torch.isin(run[pinned.pinned_at], out.pruning.positions[row]).all())
 
@@ -143,18 +142,6 @@ def test_stage1_equals_masking_the_dropped_tokens(anyres):
         torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5, msg=impl)
 
 
-def item_places(batch, model):
-    pruned = PrunedVLM(model, PruningPlan())
-    vision, _ = pruned.split_vision(batch)
-    layout = pruned.adapter.visual_items(vision)
-    spans = pruned.adapter.visual_spans(batch["input_ids"], [t for t, _ in layout], [n for _, n in layout])
-    places, seen = [], {}
-    for row, _ in spans:
-        places.append((row, seen.get(row, 0)))
-        seen[row] = seen.get(row, 0) + 1
-    return places
-
-
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_cached_generate_equals_cache_free_recompute(anyres, impl):
     processor, models = anyres
@@ -164,7 +151,7 @@ def test_cached_generate_equals_cache_free_recompute(anyres, impl):
     out = pruned.generate(**batch, **GEN, output_scores=True, return_dict_in_generate=True)
     kept = out.pruning.kept
     replay = PrunedVLM(model, PruningPlan(**{**PLAN, "stage2": ReplayScorer(list(kept["stage2"]),
-                                                                              item_places(batch, model))}))
+                                                                              item_places(model, batch))}))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     vision = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
     for step in range(GEN["max_new_tokens"]):
@@ -220,8 +207,7 @@ def test_stage2_scores_equal_eager_attention(anyres, query):
     # the newline tokens are image placeholders too but not scored: compare over the content columns
     vision, _ = reference.split_vision(batch)
     encoded = reference.encode(**vision)
-    layout = reference.adapter.visual_items(vision)
-    runs = reference.adapter.visual_spans(batch["input_ids"], [t for t, _ in layout], [n for _, n in layout])
+    runs = reference.adapter.item_spans(batch["input_ids"], vision)
     for (row, run), pinned in zip(runs, encoded.pinned, strict=True):
         newline = torch.isin(positions[row], run[pinned.pinned_at])
         ids[row] = ids[row].masked_fill(newline, -1)
@@ -366,7 +352,7 @@ def test_onevision_video_per_clip_or_frame(anyres, family, video):
     out = pruned.generate(**batch, **GEN, output_scores=True, return_dict_in_generate=True)
     assert out.pruning.num_tokens == ([8, 8] if video == "clip" else [4, 4, 4, 4])
     assert out.pruning.budgets["stage1"] == ([4, 4] if video == "clip" else [2, 2, 2, 2])
-    places = item_places(batch, model) if video == "clip" else [(0, 0), (0, 1), (1, 0), (1, 1)]
+    places = item_places(model, batch) if video == "clip" else [(0, 0), (0, 1), (1, 0), (1, 1)]
     replay = PrunedVLM(model, PruningPlan(**{**PLAN, "stage2": ReplayScorer(list(out.pruning.kept["stage2"]), places)},
                                           video=video))
     ids, mask = batch["input_ids"], batch["attention_mask"]

@@ -107,10 +107,8 @@ def item_places(model, batch, video: str = "clip"):
     """(row, place among the row's items) of every visual item of a batch."""
     pruned = PrunedVLM(model, PruningPlan(video=video))
     vision, _ = pruned.split_vision(batch)
-    layout = pruned.adapter.visual_items(vision)
-    spans = pruned.adapter.visual_spans(batch["input_ids"], [t for t, _ in layout], [n for _, n in layout])
     places, seen = [], {}
-    for row, _ in spans:
+    for row, _ in pruned.adapter.item_spans(batch["input_ids"], vision):
         places.append((row, seen.get(row, 0)))
         seen[row] = seen.get(row, 0) + 1
     return places

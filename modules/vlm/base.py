@@ -533,6 +533,11 @@ class VLMAdapter(ABC):
                 start += lengths[i]
         return spans
 
+    def item_spans(self, input_ids: torch.Tensor, vision: dict) -> list[tuple[int, torch.Tensor]]:
+        """`visual_spans` of a call's visual items, laid out from its inputs alone (`visual_items`)."""
+        layout = self.visual_items(vision)
+        return self.visual_spans(input_ids, [t for t, _ in layout], [n for _, n in layout])
+
     def splice(
         self,
         input_ids: torch.Tensor,
