@@ -6,13 +6,10 @@ round(r * N_i) of each image's content tokens (image_newline tokens excluded) at
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
-from test_cli import REPO, run_trainer
+from test_qwen_cli import fit_and_export
 from transformers import AutoModelForImageTextToText
 
 from conftest import make_images
@@ -21,7 +18,6 @@ from data.tiny import TinyLlavaOnevisionProcessor, tiny_llava_next, tiny_llava_n
 from modules.distill import MODEL_INPUTS, DistillPruner, replicate_batch
 from modules.head import PrunerHead
 from modules.serve import load_pruned
-from trainer.cli import export
 
 FAMILIES = {"llava_next": "tiny_llava_next.yaml", "llava_onevision": "tiny_llava_onevision.yaml"}
 
@@ -88,21 +84,10 @@ def test_teacher_inputs_follow_the_adapter(tmp_path):
                                             ("llava_next", "policy")])
 def test_fit_export_load_prune(family, mode, tmp_path):
     config = FAMILIES[family]
-    workspace, runs = tmp_path / "ws", tmp_path / "runs"
-    subprocess.run([sys.executable, "-m", "data.tiny", str(workspace), "--family", family], cwd=REPO, check=True,
-                   capture_output=True)
+    workspace = fit_and_export(family, config, mode, tmp_path, timeout=400)
     processor = load_processor(workspace / "model")
     if family == "llava_onevision":
         assert type(processor) is TinyLlavaOnevisionProcessor
-
-    proc = run_trainer(["fit", "--config", str(REPO / "configs" / config), "--trainer.max_epochs", "1",
-                        "--model.init_args.head.mode", mode, "--model.init_args.policy_samples", "2"],
-                       workspace, runs, timeout=400)
-    assert "train: skipped 0 of 48 records" in proc.stdout + proc.stderr
-    metrics = (runs / "lightning_logs" / "version_0" / "metrics.csv").read_text()
-    for name in ("train/kl_step", "val/teacher_agreement", "val/kept_ratio"):
-        assert name in metrics
-    export(["--ckpt", str(runs / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "head")])
 
     head = PrunerHead.from_pretrained(tmp_path / "head")
     assert (head.config.n1, head.config.n2, head.config.layer) == (0.5, 0.25, 2)

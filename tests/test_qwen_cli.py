@@ -24,25 +24,31 @@ FAMILIES = {"qwen2_5_vl": ("tiny_qwen25vl.yaml", TinyQwen2_5_VLProcessor),
             "qwen3_vl": ("tiny_qwen3vl.yaml", TinyQwen3VLProcessor)}
 
 
+def fit_and_export(family: str, config: str, mode: str, tmp_path, timeout: int = 300):
+    """Write the family's tiny workspace, `python -m trainer fit` one epoch in `mode`, export the head to
+    tmp_path/head; returns the workspace. Checks that no record was skipped and the metrics were logged."""
+    workspace, runs = tmp_path / "ws", tmp_path / "runs"
+    subprocess.run([sys.executable, "-m", "data.tiny", str(workspace), "--family", family], cwd=REPO, check=True,
+                   capture_output=True)
+    proc = run_trainer(["fit", "--config", str(REPO / "configs" / config), "--trainer.max_epochs", "1",
+                        "--model.init_args.head.mode", mode, "--model.init_args.policy_samples", "2"],
+                       workspace, runs, timeout=timeout)
+    assert "train: skipped 0 of 48 records" in proc.stdout + proc.stderr
+    metrics = (runs / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    for name in ("train/kl_step", "val/teacher_agreement", "val/kept_ratio"):
+        assert name in metrics
+    export(["--ckpt", str(runs / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "head")])
+    return workspace
+
+
 @pytest.mark.parametrize(("family", "mode"), [("qwen2_5_vl", "straight_through"), ("qwen3_vl", "straight_through"),
                                             ("qwen2_5_vl", "policy"), ("qwen3_vl", "soft_mask")])
 def test_fit_export_load_prune(family, mode, tmp_path):
     """Every training mode of the head on variable-N images: policy samples several selections of each prompt's
     images from one encoding (flat Qwen patches are not replicated), soft masks bias every visual key."""
     config, processor_class = FAMILIES[family]
-    workspace, runs = tmp_path / "ws", tmp_path / "runs"
-    subprocess.run([sys.executable, "-m", "data.tiny", str(workspace), "--family", family], cwd=REPO, check=True,
-                   capture_output=True)
+    workspace = fit_and_export(family, config, mode, tmp_path)
     assert type(load_processor(workspace / "model")) is processor_class  # AutoProcessor would give the tokenizer
-
-    proc = run_trainer(["fit", "--config", str(REPO / "configs" / config), "--trainer.max_epochs", "1",
-                        "--model.init_args.head.mode", mode, "--model.init_args.policy_samples", "2"],
-                       workspace, runs)
-    assert "train: skipped 0 of 48 records" in proc.stdout + proc.stderr
-    metrics = (runs / "lightning_logs" / "version_0" / "metrics.csv").read_text()
-    for name in ("train/kl_step", "val/teacher_agreement", "val/kept_ratio"):
-        assert name in metrics
-    export(["--ckpt", str(runs / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "head")])
 
     head = PrunerHead.from_pretrained(tmp_path / "head")
     assert (head.config.n1, head.config.n2, head.config.layer) == (0.5, 0.25, 3)
