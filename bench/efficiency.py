@@ -234,28 +234,28 @@ def measure(model, plan: PruningPlan, inputs: dict, args, device: str, **kwargs)
 
 
 def scoring_ms(model, plan: PruningPlan, inputs: dict, device: str) -> float:
-    """Milliseconds the stage-2 scorer takes inside one pruned prefill (its q/k recompute included)."""
+    """Milliseconds stage 2 takes inside one pruned prefill: the keys' RoPE, the query rows' q recompute, the
+    scorer, the per-image top-k and the surviving rows (`PrunedVLM._stage2_rows`)."""
     spent = []
-    scorer = plan.scorer
-    original = scorer.score
+    original = PrunedVLM._stage2_rows
 
-    def timed_score(ctx):
+    def timed_rows(self, state):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        scores = original(ctx)
+        rows = original(self, state)
         if device == "cuda":
             torch.cuda.synchronize()
         spent.append(time.perf_counter() - start)
-        return scores
+        return rows
 
-    scorer.score = timed_score
+    PrunedVLM._stage2_rows = timed_rows
     try:
         with torch.no_grad():
             for _ in range(3):
                 PrunedVLM(model, plan)(**inputs, use_cache=True, logits_to_keep=1)
     finally:
-        del scorer.score
+        PrunedVLM._stage2_rows = original
     return statistics.median(spent[1:]) * 1e3
 
 

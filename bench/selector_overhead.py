@@ -169,7 +169,8 @@ def stage2_context(layer: torch.nn.Module, rope: torch.nn.Module, batch: int, n:
     adapter = _OneLayer(layer)
 
     def logits_fn(query_index: torch.Tensor) -> torch.Tensor:
-        return VLMAdapter.attention_logits(adapter, 0, hidden, cos_sin, query_index)
+        # keys rebuilt per call: the timed scorer pays for the whole recompute, as the pruned forward does
+        return VLMAdapter.attention_logits(adapter, 0, hidden, cos_sin)(query_index)
 
     slots = torch.arange(before, before + n, device=device).expand(batch, -1)
     return Stage2Context(

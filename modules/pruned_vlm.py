@@ -247,6 +247,7 @@ class _Stage2State:
     query_end: torch.Tensor | None = None
     captured: tuple | None = None  # (hidden_states, position_embeddings) at the input of layer K-1
     keys: torch.Tensor | None = None  # layer K-1's own k_proj output on the spliced sequence
+    queries: torch.Tensor | None = None  # and its q_proj output
     rows: torch.Tensor | None = None  # (B', L2) surviving rows of the spliced sequence
     filler: torch.Tensor | None = None  # (B', L2) rows that are left padding (None: every row keeps as many)
     kept: list[torch.Tensor] | None = None  # per item, stage-2 selection as indices into its N_i
@@ -555,9 +556,11 @@ class PrunedVLM(nn.Module):
         layers = self.adapter.language_layers()
         k = self.layer
         handles.append(layers[k - 1].register_forward_pre_hook(self._capture_hook(state), with_kwargs=True))
-        k_proj = getattr(getattr(layers[k - 1], "self_attn", None), "k_proj", None)
-        if k_proj is not None:  # reuse the keys the layer computes anyway: scoring then costs only the query rows
-            handles.append(k_proj.register_forward_hook(self._keys_hook(state)))
+        attn = getattr(layers[k - 1], "self_attn", None)
+        for name in ("k_proj", "q_proj"):  # reuse the projections the layer computes anyway: nothing is recomputed
+            proj = getattr(attn, name, None)
+            if proj is not None:
+                handles.append(proj.register_forward_hook(self._projection_hook(state, name)))
         handles += [layers[i].register_forward_pre_hook(self._prune_hook(state, i), with_kwargs=True)
                     for i in range(k, len(layers))]
         try:
@@ -565,7 +568,7 @@ class PrunedVLM(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-            state.captured = state.keys = None
+            state.captured = state.keys = state.queries = None
 
     def _capture_hook(self, state: _Stage2State):
         def hook(module, args, kwargs):
@@ -576,10 +579,12 @@ class PrunedVLM(nn.Module):
         return hook
 
     @staticmethod
-    def _keys_hook(state: _Stage2State):
+    def _projection_hook(state: _Stage2State, name: str):
+        field = {"k_proj": "keys", "q_proj": "queries"}[name]
+
         def hook(module, args, output):
             if state.rows is None and output.shape[1] == state.spliced.inputs_embeds.shape[1]:
-                state.keys = output
+                setattr(state, field, output)
 
         return hook
 
@@ -603,8 +608,9 @@ class PrunedVLM(nn.Module):
         if state.captured is None:
             raise RuntimeError("stage 2 found no layer K-1 input to score with; was the decoder run as usual?")
         hidden, cos_sin = state.captured
-        keys = state.keys if state.keys is not None and state.keys.shape[0] == hidden.shape[0] else None
-        state.captured = state.keys = None
+        keys, queries = ((t if t is not None and t.shape[0] == hidden.shape[0] else None)
+                         for t in (state.keys, state.queries))
+        state.captured = state.keys = state.queries = None
         sp, query_end, budget = state.spliced, state.query_end, state.budget
         copies = hidden.shape[0] // sp.attention_mask.shape[0]
         if copies > 1:  # beam search / num_return_sequences: generate() repeated each prompt after our splice
@@ -612,9 +618,8 @@ class PrunedVLM(nn.Module):
             query_end = None if query_end is None else query_end.repeat_interleave(copies)
             budget = budget.repeat_interleave(copies, dim=0)
 
-        def logits_fn(query_index: torch.Tensor) -> torch.Tensor:
-            return self.adapter.attention_logits(self.layer - 1, hidden, cos_sin, query_index, keys)
-
+        with torch.no_grad():  # scores only pick indices: no graph for the keys' rotation
+            logits_fn = self.adapter.attention_logits(self.layer - 1, hidden, cos_sin, keys, queries)
         ctx = Stage2Context(logits_fn=logits_fn, attention_mask=sp.attention_mask, vision_slots=sp.vision_slots,
                             vision_index=sp.vision_index, vision_valid=sp.vision_valid,
                             vision_hidden=gather_last(hidden, sp.vision_slots), budget=budget,

@@ -103,3 +103,16 @@ def test_qwen25_vl_flops_model_equals_pytorchs_count(plan_args):
     score = plan.selector is not None and plan.selector.needs_attention()  # "random" reads no attention
     expected = qwen25_vl_prefill_flops(model.config, (h, w), text_tokens, **plan_args, score=score)
     assert counter.get_total_flops() == expected["total"]
+
+
+def test_stage2_memory_benchmark_runs_at_tiny_size(tmp_path):
+    """The sequence sweep's whole path (ours, the usual eager way, the (L, L) reference) at tiny size; no timing
+    asserted. The (L, L) column is one layer's (H, L, L) fp32 attention."""
+    from stage2_memory import main
+
+    rows = main(["--geometry", "tiny", "--text-tokens", "8,40", "--repeats", "1", "--out", str(tmp_path)])
+    assert [r["length"] for r in rows] == [16 + 8, 16 + 40]
+    assert {"stage2_memory.md", "stage2_memory.json"} <= {p.name for p in tmp_path.iterdir()}
+    for r in rows:
+        assert r["square_mb"] == pytest.approx(4 * r["length"] ** 2 * 4 / 2**20)
+        assert r["ours_scoring_ms"] > 0 and r["usual_prefill_ms"] > 0

@@ -18,6 +18,8 @@ from modules.registry import Registry
 SCORERS = Registry("stage-2 scorer")
 
 QUERY_MODES = ("last", "text")
+# (query, key) pairs per head scored at once: 1 MB of fp32 logits per head (32 MB at 32 heads)
+_QUERY_BLOCK = 1 << 18
 
 
 @dataclass
@@ -90,29 +92,39 @@ class Stage2Context:
             weight[:, -1] = 1.0  # the image ends the prompt: fall back to its last token
         return index, weight / weight.sum(dim=1, keepdim=True)
 
-    def attention(self, query: str = "last", over: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head attention of the query rows to the visual tokens: ((B, H, Q, M) probabilities, (B, Q) weights).
+    def head_attention(self, query: str = "last", over: str = "all") -> torch.Tensor:
+        """(B, H, M) per-head attention of the query rows to the visual tokens, weighted mean over the rows, float32.
 
         over="all": the model's own softmax over every key the query sees (the row the eager attention returns).
         over="vision": softmax restricted to the visual keys (a distribution over the M visual tokens).
+        Query rows are scored in chunks of at most _QUERY_BLOCK (query, key) pairs per head, so memory stays linear
+        in the sequence even when every text token is a query (query="text" with a long prompt).
         """
-        index, weight = self.query_rows(query)
-        logits = self.logits_fn(index).float()  # (B, H, Q, L)
-        length = logits.shape[-1]
-        keys = torch.arange(length, device=logits.device)
-        allowed = (keys.view(1, 1, -1) <= index.unsqueeze(-1)) & self.attention_mask.bool().unsqueeze(1)
-        logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-        slots = self.vision_slots[:, None, None, :].expand(-1, logits.shape[1], logits.shape[2], -1)
-        if over == "vision":
-            return torch.softmax(logits.gather(-1, slots), dim=-1), weight
-        if over != "all":
+        if over not in ("all", "vision"):
             raise ValueError(f"unknown attention normalisation {over!r}; use 'all' or 'vision'")
-        return torch.softmax(logits, dim=-1).gather(-1, slots), weight
+        index, weight = self.query_rows(query)
+        bsz, length = self.attention_mask.shape
+        keys = torch.arange(length, device=index.device)
+        real = self.attention_mask.bool().unsqueeze(1)  # (B, 1, L)
+        chunk = max(1, _QUERY_BLOCK // (bsz * length))
+        total = None
+        for lo in range(0, index.shape[1], chunk):
+            rows = index[:, lo:lo + chunk]
+            logits = self.logits_fn(rows).float()  # (B, H, Qc, L)
+            allowed = (keys.view(1, 1, -1) <= rows.unsqueeze(-1)) & real
+            logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+            slots = self.vision_slots[:, None, None, :].expand(-1, logits.shape[1], logits.shape[2], -1)
+            if over == "vision":
+                probs = torch.softmax(logits.gather(-1, slots), dim=-1)
+            else:
+                probs = torch.softmax(logits, dim=-1).gather(-1, slots)
+            part = (probs * weight[:, None, lo:lo + rows.shape[1], None]).sum(dim=2)
+            total = part if total is None else total + part
+        return total
 
     def text_to_vision(self, query: str = "last") -> torch.Tensor:
         """(B, M) attention to each visual token, mean over heads and (weighted) over query rows."""
-        probs, weight = self.attention(query)
-        return (probs.mean(dim=1) * weight.unsqueeze(-1)).sum(dim=1)
+        return self.head_attention(query).mean(dim=1)
 
 
 class Scorer(ABC):

@@ -20,7 +20,7 @@ class FinePrunerScorer(Scorer, Calibrated):
     reduction", IEEE TIP 2026): score with the attention heads least like the position-only prior.
 
     Per image and head h, a_h = the query rows' attention restricted to that image's visual keys
-    (`ctx.attention(query, over="vision")`, weighted mean over query rows, renormalised over the image's columns,
+    (`ctx.head_attention(query, over="vision")`: weighted mean over query rows, renormalised over the image's columns,
     so filler columns and the row's other images do not count). The positional prior pi is indexed by ORIGINAL
     position in the image's own (h, w) grid (`ctx.vision_index`, `ctx.vision_grid`): the calibrated `prior`
     resampled to that grid (see below) when set, else, per grid size in the batch, the mean of the head-mean
@@ -80,8 +80,7 @@ class FinePrunerScorer(Scorer, Calibrated):
     def head_attention(self, ctx: Stage2Context) -> torch.Tensor:
         """(B, H, M) per-head attention over each image's visual tokens (sums to 1 per image), float32; 0 on
         filler columns."""
-        probs, weight = ctx.attention(self.query, over="vision")
-        heads = (probs.float() * weight.float()[:, None, :, None]).sum(dim=2)
+        heads = ctx.head_attention(self.query, over="vision")
         member = _members(ctx)
         heads = heads * member.sum(dim=-1).unsqueeze(1)  # zero the filler columns
         per_image = heads @ member  # (B, H, images)
