@@ -12,8 +12,8 @@ tokens and one image of N visual tokens (per sample; everything scales with the 
                    with L = text + n1 for layers 0..K-1 and L = text + n2 for layers K..L-1
     LM head        2 D V per sample (one row: the next-token prediction)
     pruner         [CLS] attention recompute of the feature layer: 2 T d_v^2 + 2 d_v^2 + 2 T d_v
-                   stage-2 scoring at layer K-1: q for Q query rows against the layer's own keys (captured,
-                   not recomputed), Q x L1 logits: 2 Q D q + 2 Q L1 q
+                   stage-2 scoring at layer K-1: Q query rows of the layer's own queries against its own keys
+                   (both captured as the layer computes them, not recomputed), Q x L1 logits: 2 Q L1 q
 
 The FLOPs-ideal speed-up of a plan is FLOPs(unpruned) / FLOPs(plan) for the same configuration. The attention
 term counts the full L x L products (what SDPA and eager kernels compute, causal mask or not).
@@ -80,15 +80,15 @@ def lm_layer_flops(g: Geometry, length: int) -> int:
 
 
 def pruner_flops(g: Geometry, stage1: bool, stage2_rows: int | None, length1: int, queries: int = 1) -> int:
-    """The pruner's own products: the [CLS] attention recompute (stage 1) and the stage-2 query rows' scoring
-    against layer K-1's own keys."""
+    """The pruner's own products: the [CLS] attention recompute (stage 1) and the stage-2 query rows' logits
+    against layer K-1's own keys (its q and k projections are reused, not recomputed)."""
     total = 0
     if stage1:
         t = g.num_tokens + g.cls_tokens
         total += 2 * t * g.v_hidden**2 + 2 * g.v_hidden**2 + 2 * t * g.v_hidden
     if stage2_rows is not None:
         q = g.heads * g.head_dim
-        total += 2 * queries * g.hidden * q + 2 * queries * length1 * q
+        total += 2 * queries * length1 * q
     return total
 
 
