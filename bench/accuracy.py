@@ -28,14 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from data.llava_json import LlavaJsonDataset
-from data.toyworld import PAD_RGB, QUESTION_TYPES, majority_baselines, write_split
+from data.toyworld import QUESTION_TYPES, majority_baselines, write_split
 from modules.budget import effective_budget, topk_keep
 from modules.calibrate import calibrate
+from modules.overlay import grid_views, kept_per_item, render_grid
 from modules.pruned_vlm import PrunedVLM, PruningPlan
 from modules.scorers import DEFAULT_SCORERS, get_scorer
 from modules.scorers.debiased import Debiased
@@ -53,7 +53,6 @@ MIN_GAIN_OVER_MAJORITY = 0.15
 SHUFFLE_DROP_FRACTION = 0.5
 MIN_ORACLE_GAIN = 0.03
 REFUSED_EXIT_CODE = 2
-PRUNED_BRIGHTNESS = 0.25
 
 
 # -- oracles ---------------------------------------------------------------------------------------------------------
@@ -439,26 +438,10 @@ def plot_accuracy(path: Path, results: dict, budgets: dict, full: dict, majority
     plt.close(fig)
 
 
-def padded_square(image: Image.Image, size: int) -> Image.Image:
-    """The image as the model sees it: centred on a square of the processor's padding colour, resized."""
-    side = max(image.size)
-    square = Image.new("RGB", (side, side), PAD_RGB)
-    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-    return square.resize((size, size), Image.BICUBIC)
-
-
-def kept_overlay(image: Image.Image, kept: torch.Tensor, grid: int) -> torch.Tensor:
-    """(H, W, 3) float in [0, 1]: kept patches as they are, pruned ones darkened."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)
-    mask = torch.full((grid * grid,), PRUNED_BRIGHTNESS)
-    mask[kept] = 1.0
-    patch = image.height // grid
-    mask = mask.view(grid, grid).repeat_interleave(patch, 0).repeat_interleave(patch, 1)
-    return pixels * mask.unsqueeze(-1)
-
-
 def plot_overlay(path: Path, model, samples: list[Sample], batch: dict, conditions: list[Condition],
                  num_tokens: int, image_size: int, processor=None) -> None:
+    """Each sample's original image with every method's kept tokens (`modules.overlay`: kept cells as they are,
+    pruned ones dimmed, the processor's padding striped), cells mapped back through the processor's fit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -467,8 +450,8 @@ def plot_overlay(path: Path, model, samples: list[Sample], batch: dict, conditio
     by_name = {c.name: c for c in conditions}
     methods = [by_name[m] for m in OVERLAY_METHODS if m in by_name]
     n = budget_count(OVERLAY_BUDGET, num_tokens)
-    grid = math.isqrt(num_tokens)
     device = next(model.parameters()).device
+    adapter = get_adapter(model, processor)
     kept = {}
     with torch.no_grad():
         for condition in methods:
@@ -484,9 +467,10 @@ def plot_overlay(path: Path, model, samples: list[Sample], batch: dict, conditio
         question = " ".join(c.get("text", "") for c in sample.messages[0]["content"] if c["type"] == "text")
         row.suptitle(f"{question} -> {sample.meta['answer']}", fontsize=8)
         axes = row.subplots(1, len(methods), squeeze=False)[0]
-        square = padded_square(sample.image, image_size)
+        [view] = grid_views(adapter, {"pixel_values": batch["pixel_values"][r:r + 1]},
+                            image_sizes=[(sample.image.height, sample.image.width)], processor=processor)
         for ax, condition in zip(axes, methods):
-            ax.imshow(kept_overlay(square, kept[condition.name][r], grid).numpy())
+            ax.imshow(render_grid(sample.image, view, kept_per_item(kept[condition.name])[r]).array)
             ax.set_title(condition.name, fontsize=7)
             ax.axis("off")
     fig.savefig(path, dpi=110)

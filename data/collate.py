@@ -236,6 +236,7 @@ class LlavaCollator:
             "labels": labels,
             "prompt_end": prompt_end,
             "skipped": skipped,
+            "ids": [it.get("id") for it in kept],  # record ids, for messages about this batch
         }
         # Family-specific extras (e.g. Qwen's image_grid_thw, mm_token_type_ids) pass through untouched.
         for key, value in out.items():

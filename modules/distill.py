@@ -10,13 +10,16 @@ the teacher runs with the adapters disabled, so it stays the original model.
 
 from __future__ import annotations
 
+import contextlib
 import random
+import time
 from dataclasses import asdict
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from modules.budget import effective_budget
@@ -106,6 +109,26 @@ def replicate_batch(batch: dict[str, Any], copies: int, image_prompts: torch.Ten
     return out, image_rows
 
 
+class _Stopwatch:
+    """Wall-clock milliseconds of a block, the device's queued work included (CUDA runs asynchronously)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.ms = device, 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> _Stopwatch:
+        self._sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.ms = (time.perf_counter() - self.start) * 1e3
+
+
 class DistillPruner(L.LightningModule):
     """LightningModule that trains a `PrunerHead` (stage 1) by distillation, optionally with stage 2 active.
 
@@ -163,6 +186,7 @@ class DistillPruner(L.LightningModule):
         dtype: str | None = None,
         seed: int = 0,
         processor: str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__()
         if processor is None and model is not None:
@@ -181,9 +205,13 @@ class DistillPruner(L.LightningModule):
             PruningPlan(stage1="random", n1=budget, stage2=stage2 if n2 is not None else None, n2=n2,
                         layer=layer if n2 is not None else None)
         self.strict_loading = False  # checkpoints hold the trainable weights only
-        self.train_metrics = distill_metrics("train")
-        self.val_metrics = distill_metrics("val")
-        self.test_metrics = distill_metrics("test")
+        self.nonfinite_skipped = 0  # training steps skipped for a non-finite loss or gradient (skip_nonfinite)
+        self._skip_step = False  # this optimizer step's gradients are dropped (decided on every rank alike)
+        self._batch_ids: list | None = None  # record ids of the current training batch, for messages
+        stage2_on = stage2 is not None and n2 is not None
+        self.train_metrics = distill_metrics("train", stage2_on)
+        self.val_metrics = distill_metrics("val", stage2_on)
+        self.test_metrics = distill_metrics("test", stage2_on, timed=True)
         # Built here rather than in configure_model: under ZeRO-3 that hook runs inside deepspeed.zero.Init, where
         # from_pretrained would load into already-partitioned parameters; DeepSpeed partitions these at setup.
         self.pruned = self._build()
@@ -218,6 +246,7 @@ class DistillPruner(L.LightningModule):
         pruned = PrunedVLM(vlm, plan, processor=self._load_processor())
         cfg = head.config
         cfg.n1, cfg.n2, cfg.layer = hp.n1, hp.n2, pruned.layer
+        cfg.base_model = hp.model
         cfg.stage2 = None if plan.scorer is None else to_config(plan.scorer)
         return pruned
 
@@ -293,8 +322,6 @@ class DistillPruner(L.LightningModule):
             return self.vlm(**inputs, output_hidden_states=want_hidden, use_cache=False)
 
     def _adapters_disabled(self):
-        import contextlib
-
         if self.hparams.lora is None:
             return contextlib.nullcontext()
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -317,7 +344,11 @@ class DistillPruner(L.LightningModule):
             return None
         hp = self.hparams
         want_hidden = hp.hidden_mse_weight > 0
-        teacher = self._teacher(batch, want_hidden)
+        timer = _Stopwatch(batch["input_ids"].device) if "teacher_ms" in metrics else None
+        with timer or contextlib.nullcontext():
+            teacher = self._teacher(batch, want_hidden)
+        if timer:
+            metrics["teacher_ms"](timer.ms)
         t_logits_all = teacher.logits
         t_hidden_all = teacher.hidden_states[-1] if want_hidden else None
         copies = hp.policy_samples if self._policy_step() else 1
@@ -336,8 +367,12 @@ class DistillPruner(L.LightningModule):
             t_logits_all = t_logits_all.repeat_interleave(copies, dim=0)
             t_hidden_all = None if t_hidden_all is None else t_hidden_all.repeat_interleave(copies, dim=0)
         labels = batch["labels"]
-        student = self.pruned(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, vision_tokens=vision_tokens,
-                              prompt_end=batch.get("prompt_end"), output_hidden_states=want_hidden, use_cache=False)
+        with timer or contextlib.nullcontext():
+            student = self.pruned(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, vision_tokens=vision_tokens,
+                                  prompt_end=batch.get("prompt_end"), output_hidden_states=want_hidden,
+                                  use_cache=False)
+        if timer:
+            metrics["pruned_ms"](timer.ms)
         pruning = student.pruning
         positions = pruning.positions  # (B, L_out) original index of each student row
         # row p predicts the label at p + 1; answers are text, so every predicting row survives pruning
@@ -373,6 +408,9 @@ class DistillPruner(L.LightningModule):
         metrics["teacher_accuracy"](t_logits[first_in_rows].argmax(-1), next_labels[first])
         metrics["kl"](kl.detach())
         metrics["kept_ratio"](torch.tensor(self.kept_ratio(pruning)))
+        metrics["visual_tokens"](torch.tensor(pruning.num_tokens, dtype=torch.float32))
+        for stage, kept in pruning.budgets.items():
+            metrics[f"kept_{stage}"](torch.tensor(kept, dtype=torch.float32))
         return loss
 
     def _image_prompts(self, batch: dict, item_prompts: torch.Tensor) -> torch.Tensor | None:
@@ -434,13 +472,62 @@ class DistillPruner(L.LightningModule):
         self.pruned.plan.n1 = self.hparams.n1
 
     def training_step(self, batch, batch_idx):
+        self._batch_ids = batch.get("ids")
         loss = self.shared_step(batch, self.train_metrics)
-        if loss is None:
-            return None
+        if self._any_rank(loss is not None and not bool(torch.isfinite(loss.detach()))):
+            self._nonfinite("loss", loss)
+            loss = None
+            self._skip_step = True
+        if loss is None:  # no usable record in this batch, or a skipped non-finite one
+            return self._empty_step()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/tau", self.head.tau, batch_size=batch["input_ids"].shape[0])
         self.log_dict(self.train_metrics, on_step=True, on_epoch=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        if not self._skip_step and params:
+            finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
+            if self._any_rank(not bool(finite)):
+                self._nonfinite("gradient", None)
+                self._skip_step = True
+        if self._skip_step:  # AdamW leaves parameters without gradients alone: no update, no moment, no decay
+            for p in params:
+                p.grad = None
+            self._skip_step = False
+
+    def _any_rank(self, flag: bool) -> bool:
+        """`flag` on any process (a collective: every rank calls it at the same point of every step)."""
+        trainer = self._trainer
+        return trainer.strategy.reduce_boolean_decision(flag, all=False) if trainer is not None else flag
+
+    def _nonfinite(self, what: str, loss: torch.Tensor | None) -> None:
+        """Stop on a non-finite loss or gradient, naming the step and the batch's records; or, with
+        skip_nonfinite, count the step as skipped and say so."""
+        value = f" ({float(loss.detach())})" if loss is not None else ""
+        where = (f"non-finite training {what}{value} at global step {self.global_step} (epoch {self.current_epoch});"
+                 f" records of this batch on rank {self.global_rank}: {self._batch_ids}")
+        if not self.hparams.skip_nonfinite:
+            raise FloatingPointError(f"{where}. Training stops rather than continue on it; set "
+                                     "model.skip_nonfinite: true to skip such steps (counted and logged).")
+        self.nonfinite_skipped += 1
+        rank_zero_warn(f"{where}: step skipped ({self.nonfinite_skipped} so far)")
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), reduce_fx="max")
+
+    def _empty_step(self) -> torch.Tensor | None:
+        """What a training step without a usable loss returns. One process: None (Lightning skips backward and
+        the optimizer step). Several: Lightning requires a loss on every rank, so a zero one that reaches every
+        trainable parameter (DDP all-reduces each gradient); a skipped non-finite step then has its gradients
+        dropped in `on_before_optimizer_step` on every rank. Under DeepSpeed the engine owns the gradients and
+        steps anyway: the step runs with zero gradients (Adam's moments decay by one step)."""
+        if self.trainer.world_size == 1:
+            self._skip_step = False
+            return None
+        return sum((p * 0).sum() for p in self.trainable_parameters())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
 
     def validation_step(self, batch, batch_idx):
         loss = self.shared_step(batch, self.val_metrics)
@@ -485,7 +572,7 @@ class DistillPruner(L.LightningModule):
         different numbers of batches hang; the metrics are synchronised across ranks as they are computed."""
         was_training = self.training
         self.eval()
-        metrics = distill_metrics("eval").to(self.device)
+        metrics = distill_metrics("eval", self.pruned.plan.scorer is not None).to(self.device)
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
@@ -511,11 +598,14 @@ class DistillPruner(L.LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["pruner_config"] = asdict(self.head.config)
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
         if self.hparams.lora is not None:
             checkpoint["lora_config"] = self.lora_config.to_dict()
 
-    def export_head(self, directory) -> None:
-        """Write the head (and LoRA adapters) as a pruner directory.
+    def export_head(self, directory, metrics: dict[str, float] | None = None,
+                    training_data: str | None = None) -> None:
+        """Write the head (and LoRA adapters) as a pruner directory; `metrics` (e.g. `evaluate`'s) and
+        `training_data` go on its model card.
 
         Under DeepSpeed ZeRO-3 each rank holds a shard of every parameter: call this on EVERY rank (it gathers
         the trained weights with collectives, `deepspeed.zero.GatheredParameters`); rank 0 writes the full
@@ -529,7 +619,8 @@ class DistillPruner(L.LightningModule):
                          if k.startswith(HEAD_PREFIX) or _is_lora_key(k)}
         if self.global_rank == 0:
             export_pruner(directory, asdict(self.head.config), state,
-                          self.lora_config.to_dict() if self.hparams.lora is not None else None)
+                          self.lora_config.to_dict() if self.hparams.lora is not None else None,
+                          metrics=metrics, training_data=training_data)
 
 
 HEAD_PREFIX = "pruned.selector."
@@ -554,25 +645,51 @@ def _gathered(params: list[torch.Tensor]):
 
 
 def export_pruner(directory, pruner_config: dict[str, Any], state_dict: dict[str, torch.Tensor],
-                  lora_config: dict[str, Any] | None = None):
-    """Write a pruner directory from a training state dict: the head, and `adapter/` for LoRA weights."""
-    import json
+                  lora_config: dict[str, Any] | None = None, *, metrics: dict[str, Any] | None = None,
+                  training_data: str | None = None):
+    """Write a pruner directory from a training state dict: the head (pruner_config.json with `format_version`,
+    model.safetensors), the model card README.md, and `adapter/` for LoRA weights.
+
+    pruner_config: the head's config mapping (a training checkpoint's `pruner_config`); its `base_model` (the VLM's
+        HF id or path) is recorded and shown on the card when present. Keys a newer learnprune wrote warn and are
+        dropped (`PrunerConfig.from_dict`).
+    metrics: measured on held-out data (accuracy, teacher_accuracy, kept_ratio, ...; plain or "test/"-prefixed),
+        shown on the card as the retention (pruned / teacher accuracy) and kept ratio.
+    training_data: what the head was trained on (e.g. the data config's train path), shown on the card."""
     from pathlib import Path
 
-    from safetensors.torch import save_file
+    from modules.head import ADAPTER_DIR
 
     head_state = {k[len(HEAD_PREFIX):]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)}
     if not head_state:
         raise ValueError(f"the checkpoint holds no head weights (no keys starting with {HEAD_PREFIX!r})")
-    head = PrunerHead(PrunerConfig(**pruner_config))
-    head.load_state_dict(head_state)
-    directory = head.save_pretrained(directory)
+    head = PrunerHead(PrunerConfig.from_dict(pruner_config, source="pruner_config"))
+    try:
+        head.load_state_dict(head_state)
+    except RuntimeError as err:
+        raise ValueError(f"the checkpoint's head weights do not match its pruner_config: {err}") from None
     lora_state = {k[len(MODEL_PREFIX):]: v.detach().cpu().contiguous() for k, v in state_dict.items()
                   if _is_lora_key(k)}
-    if lora_config is not None and lora_state:
-        adapter_dir = Path(directory) / "adapter"
-        adapter_dir.mkdir(exist_ok=True)
-        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_config.items()}
-        (adapter_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-        save_file(lora_state, str(adapter_dir / "adapter_model.safetensors"))
+    has_lora = lora_config is not None and bool(lora_state)
+    stale = Path(directory) / ADAPTER_DIR
+    if not has_lora and stale.exists():
+        # load_pruned would apply it to the model: a stale adapter silently changes what this pruner does
+        raise ValueError(f"{str(stale)!r} exists (an earlier export?) but this pruner has no LoRA adapters: "
+                         "remove it or export to a new directory")
+    directory = head.save_pretrained(directory, model_card_kwargs={"metrics": metrics, "training_data": training_data,
+                                                                   "lora": has_lora})
+    if has_lora:
+        _write_adapter(Path(directory) / ADAPTER_DIR, lora_config, lora_state)
     return directory
+
+
+def _write_adapter(adapter_dir, lora_config: dict[str, Any], lora_state: dict[str, torch.Tensor]) -> None:
+    """`adapter/` in peft format: adapter_config.json + adapter_model.safetensors (keys as the model names them)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    adapter_dir.mkdir(exist_ok=True)
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_config.items()}
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    save_file(lora_state, str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -1,31 +1,50 @@
 """The learned stage-1 pruning head (LearnPruner-style), its differentiable top-k and its checkpoint format.
 
-A head directory holds `pruner_config.json` (what the head was trained for: model type, feature dim, grid,
-budgets, stage-2 layer and scorer with its debias values) and `model.safetensors` (the weights; never pickle),
-plus `adapter/` when LoRA adapters of the language model were trained with it.
+A head directory holds `pruner_config.json` (its `format_version`, and what the head was trained for: base model,
+model type, feature dim, grid, budgets, stage-2 layer and scorer with its debias values), `model.safetensors` (the
+weights; never pickle) and a model card `README.md`, plus `adapter/` when LoRA adapters of the language model were
+trained with it. `PrunerHead` is a `huggingface_hub.PyTorchModelHubMixin`: `from_pretrained` takes a directory or a
+hub repo id, `push_to_hub` uploads a head (`modules.serve.push_pruner` uploads a whole pruner directory).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modules.budget import topk_keep, topk_order
+from modules.model_card import DEFAULT_TAGS, LIBRARY_NAME, pruner_model_card
 from modules.selectors.base import SELECTORS, ScoreSelector, TrainSelection
 from modules.vlm.base import VisionTokens, VLMAdapter
 
 CONFIG_NAME = "pruner_config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+ADAPTER_DIR = "adapter"  # LoRA adapters of the language model, peft format (adapter_config.json + safetensors)
+# What a hub snapshot of a pruner downloads: never pickled weights (pytorch_model.bin, *.pt), even when present.
+HUB_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, f"{ADAPTER_DIR}/*"]
+# pruner_config.json layout this code writes; 0 = files written before the field existed (same layout).
+FORMAT_VERSION = 1
+# weight files a pruner directory may hold that would need unpickling: refused, never loaded
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MODES = ("straight_through", "soft_mask", "policy")
 FEATURES = ("pre", "post")
+
+
+class PrunerFormatWarning(UserWarning):
+    """A pruner_config.json written by a newer learnprune (a newer format_version, or fields this one lacks)."""
 
 
 @dataclass
@@ -42,6 +61,7 @@ class PrunerConfig:
     question: bool = False
     prompt_dim: int | None = None
     model_type: str | None = None
+    base_model: str | None = None  # HF id or path of the VLM it was trained for, when known
     num_tokens: int | None = None
     grid: list[int] | None = None
     n1: int | float | None = None
@@ -64,9 +84,41 @@ class PrunerConfig:
             raise ValueError("question=True needs prompt_dim (the language model's embedding size); build the head "
                              "with PrunerHead.for_model(adapter, question=True)")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The pruner_config.json mapping: `format_version` first, then the fields."""
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "pruner config") -> PrunerConfig:
+        """A config from a pruner_config.json mapping (or a training checkpoint's `pruner_config`), readable across
+        versions: files without `format_version` (version 0) load as they are; a newer `format_version` and
+        fields this version does not know (written by a later learnprune) warn with `PrunerFormatWarning`, and
+        unknown fields are ignored. Malformed values are a ValueError naming `source` and the value."""
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{source} must be a JSON object, got {type(raw).__name__}: {raw!r:.80}")
+        raw = dict(raw)
+        version = raw.pop("format_version", 0)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"{source} has format_version={version!r}; expected a non-negative integer")
+        if version > FORMAT_VERSION:
+            warnings.warn(f"{source} has format_version {version}, newer than this learnprune reads "
+                          f"({FORMAT_VERSION}): loading what it knows; upgrade learnprune if the head misbehaves",
+                          PrunerFormatWarning, stacklevel=2)
+        known = cls.__dataclass_fields__
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            warnings.warn(f"{source} has unknown keys {unknown} (written by a newer learnprune?); they are ignored",
+                          PrunerFormatWarning, stacklevel=2)
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except TypeError as err:  # a missing required field, or a value of the wrong type
+            raise ValueError(f"{source} is not a valid pruner config: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
 
 @SELECTORS.register("learned")
-class PrunerHead(nn.Module, ScoreSelector):
+class PrunerHead(nn.Module, ScoreSelector, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list(DEFAULT_TAGS)):
     """Learned token scorer: LayerNorm -> Linear(in_dim, d) -> `depth` pre-norm transformer blocks (d, `heads`,
     SDPA) -> Linear(d, 1) logits, over pre- or post-projector features (B, N, in_dim) -> (B, N).
 
@@ -200,7 +252,8 @@ class PrunerHead(nn.Module, ScoreSelector):
         cfg = self.config
         model_type = adapter.model.config.model_type
         if cfg.model_type is not None and cfg.model_type != model_type:
-            raise ValueError(f"pruner head was trained for model_type {cfg.model_type!r}, the model is "
+            trained_for = f" ({cfg.base_model})" if cfg.base_model else ""
+            raise ValueError(f"pruner head was trained for model_type {cfg.model_type!r}{trained_for}, the model is "
                              f"{model_type!r}")
         dim = adapter.feature_dims[cfg.features]
         if dim != cfg.in_dim:
@@ -219,42 +272,93 @@ class PrunerHead(nn.Module, ScoreSelector):
                                 question=question, prompt_dim=adapter.feature_dims["post"] if question else None,
                                 **params))
 
-    # ---- persistence -----------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+    # ---- persistence (huggingface_hub.PyTorchModelHubMixin, with learnprune's file names) -----------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The mixin's hook: pruner_config.json and model.safetensors (never pickle)."""
+        (save_directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "learnprune": "pruner_head"})
+        save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "learnprune": "pruner_head"})
+
+    def save_pretrained(self, save_directory: str | Path, *, config: Any = None, repo_id: str | None = None,
+                        push_to_hub: bool = False, model_card_kwargs: dict[str, Any] | None = None,
+                        **push_to_hub_kwargs: Any) -> Path | str:
+        """Write `pruner_config.json`, `model.safetensors` and, unless the directory already has one, a model card
+        `README.md` (always rewritten when `model_card_kwargs` is given: `metrics`, `training_data`, `lora`, see
+        `generate_model_card`). Returns the directory, or the commit url with `push_to_hub=True` (to `repo_id`,
+        default the directory's name; further keyword arguments go to `push_to_hub`).
+
+        The head's config is `self.config`: `config` (the mixin's argument) may only repeat it."""
+        if config is not None:
+            given = asdict(config) if isinstance(config, PrunerConfig) else dict(config)
+            given.pop("format_version", None)
+            if given != asdict(self.config):
+                raise ValueError("save_pretrained(config=...) differs from the head's own config; a head is saved "
+                                 "with the config it was built with (set head.config to change it)")
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._save_pretrained(directory)
+        card = directory / CARD_NAME
+        if model_card_kwargs is not None or not card.exists():
+            self.generate_model_card(**(model_card_kwargs or {})).save(card)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or directory.name, model_card_kwargs=model_card_kwargs,
+                                    **push_to_hub_kwargs)
         return directory
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **hub_kwargs: Any) -> PrunerHead:
-        """Load from a local directory, or a hub repo id (downloaded with huggingface_hub)."""
-        directory = Path(path)
-        if not directory.is_dir():
-            if directory.exists() or str(path).startswith((".", "/")):
-                raise ValueError(f"pruner checkpoint {str(path)!r} is not a directory")
-            from huggingface_hub import snapshot_download
+    def generate_model_card(self, metrics: Mapping[str, Any] | None = None, training_data: str | None = None,
+                            lora: bool = False) -> ModelCard:
+        """The model card (`modules.model_card.pruner_model_card`): base model, budgets, stage-2 scorer, and the
+        `training_data` description and measured `metrics` (accuracy, teacher_accuracy, kept_ratio) when given."""
+        info = self._hub_mixin_info.model_card_data
+        return pruner_model_card(self.config.to_dict(), metrics=metrics, training_data=training_data, lora=lora,
+                                 tags=info.tags or DEFAULT_TAGS, library_name=info.library_name or LIBRARY_NAME)
 
-            directory = Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "adapter/*"],
-                                               **hub_kwargs))
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, force_download: bool = False,
+                        token: str | bool | None = None, cache_dir: str | Path | None = None,
+                        local_files_only: bool = False, revision: str | None = None,
+                        map_location: str | torch.device = "cpu", **hub_kwargs: Any) -> PrunerHead:
+        """Load from a local directory, or a hub repo id (a snapshot of pruner_config.json, model.safetensors,
+        README.md and adapter/ is downloaded with `huggingface_hub.snapshot_download`; the hub arguments and
+        `hub_kwargs` go to it). Weights are read from safetensors only: pickled weights are refused, never
+        loaded. The head's `source` is what was asked for (plans refer to heads by it), `directory` the local
+        directory read (a hub id's snapshot, where `adapter/` is)."""
+        head = cls._from_pretrained(model_id=str(pretrained_model_name_or_path), revision=revision,
+                                    cache_dir=cache_dir, force_download=force_download,
+                                    local_files_only=local_files_only, token=token, map_location=map_location,
+                                    **hub_kwargs)
+        head.source = str(pretrained_model_name_or_path)
+        return head
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, local_files_only: bool, token: str | bool | None,
+                         map_location: str | torch.device = "cpu", **hub_kwargs: Any) -> PrunerHead:
+        directory = pruner_directory(model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                     local_files_only=local_files_only, token=token, **hub_kwargs)
         config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for f in (config_file, weights_file):
-            if not f.is_file():
-                raise ValueError(f"pruner checkpoint {str(directory)!r} has no {f.name}")
-        raw = json.loads(config_file.read_text())
-        known = PrunerConfig.__dataclass_fields__
-        unknown = set(raw) - set(known)
-        if unknown:
-            raise ValueError(f"{config_file} has unknown keys {sorted(unknown)}")
-        head = cls(PrunerConfig(**raw))
-        state = load_file(str(weights_file))
+        if not weights_file.is_file():
+            pickled = sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+            if pickled:
+                raise ValueError(f"pruner checkpoint {model_id!r} has pickled weights {pickled} but no {WEIGHTS_NAME}: "
+                                 "learnprune loads safetensors only and will not unpickle them (pickle can run "
+                                 "arbitrary code); convert them to model.safetensors where you trust the file")
+            raise ValueError(f"pruner checkpoint {model_id!r} has no {WEIGHTS_NAME} (in {str(directory)!r}; "
+                             "learnprune reads safetensors weights only)")
+        if not config_file.is_file():
+            raise ValueError(f"pruner checkpoint {model_id!r} has no {CONFIG_NAME} (in {str(directory)!r})")
+        try:
+            raw = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{config_file} is not valid JSON: {err}") from None
+        head = cls(PrunerConfig.from_dict(raw, source=str(config_file)))
+        state = load_safetensors(weights_file, device=map_location)
         try:
             head.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise ValueError(f"{weights_file} does not match the head described by {config_file}: {err}") from None
-        head.source = str(path)
+        head.to(map_location)
+        head.source = model_id
         head.directory = directory
         return head.eval()
 
@@ -268,6 +372,39 @@ class PrunerHead(nn.Module, ScoreSelector):
             raise ValueError("save this head with save_pretrained(dir) and load it from there before saving a plan "
                              "that uses it (plans refer to heads by path)")
         return {"name": "learned", "path": self.source}
+
+
+def pruner_directory(path: str | Path, **hub_kwargs: Any) -> Path:
+    """The local directory of a pruner: `path` itself when it is a directory, else a hub repo id's snapshot
+    (`huggingface_hub.snapshot_download` of `HUB_PATTERNS`: config, safetensors weights, card and `adapter/*`)."""
+    directory = Path(path)
+    if directory.is_dir():
+        return directory
+    if directory.exists() or str(path).startswith((".", "/", "~")):
+        raise ValueError(f"pruner checkpoint {str(path)!r} is not a directory")
+    import huggingface_hub
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(path))
+    except HFValidationError as err:
+        raise ValueError(f"pruner checkpoint {str(path)!r} is neither a local directory nor a hub repo id: {err}"
+                         ) from None
+    # looked up at call time, so tests (and users) can stand in for the hub
+    return Path(huggingface_hub.snapshot_download(repo_id=str(path), allow_patterns=list(HUB_PATTERNS),
+                                                  **hub_kwargs))
+
+
+def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing, truncated or corrupt file is a ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights file {str(path)!r} does not exist")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"weights file {str(path)!r} is not a readable safetensors file (truncated or corrupt?): "
+                         f"{err}") from None
 
 
 def plackett_luce_log_prob(scores: torch.Tensor, order: torch.Tensor, valid: torch.Tensor | None = None

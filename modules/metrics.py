@@ -24,17 +24,23 @@ class AnswerAgreement(Metric):
         return self.hits / self.total.clamp(min=1)
 
 
-def distill_metrics(prefix: str) -> MetricCollection:
+def distill_metrics(prefix: str, stage2: bool = False, timed: bool = False) -> MetricCollection:
     """Named `{prefix}/...`: teacher_agreement (student top-1 == teacher top-1 over all answer tokens), accuracy
     and teacher_accuracy (first answer token == label, i.e. what the prompt alone predicts), kl, kept_ratio
-    (FLOPs-equivalent visual tokens per layer / N)."""
-    return MetricCollection(
-        {
-            "teacher_agreement": AnswerAgreement(),
-            "accuracy": AnswerAgreement(),
-            "teacher_accuracy": AnswerAgreement(),
-            "kl": MeanMetric(),
-            "kept_ratio": MeanMetric(),
-        },
-        prefix=f"{prefix}/",
-    )
+    (FLOPs-equivalent visual tokens per layer / N), visual_tokens (N per visual item), kept_stage1 and
+    kept_stage2 (tokens each stage keeps per item; stage 2 only when the plan has one); with `timed`, also
+    teacher_ms and pruned_ms (milliseconds of the teacher's and the pruned model's forward over each batch)."""
+    metrics = {
+        "teacher_agreement": AnswerAgreement(),
+        "accuracy": AnswerAgreement(),
+        "teacher_accuracy": AnswerAgreement(),
+        "kl": MeanMetric(),
+        "kept_ratio": MeanMetric(),
+        "visual_tokens": MeanMetric(),
+        "kept_stage1": MeanMetric(),
+    }
+    if stage2:
+        metrics["kept_stage2"] = MeanMetric()
+    if timed:
+        metrics.update(teacher_ms=MeanMetric(), pruned_ms=MeanMetric())
+    return MetricCollection(metrics, prefix=f"{prefix}/")

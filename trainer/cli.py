@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from modules.distill import export_pruner
 from trainer.callbacks import SkipSummary
+from trainer.report import EvaluationReport
 
 # the frozen VLM stays in eval mode on purpose (no dropout in teacher or student)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -54,7 +55,7 @@ def run_cli(args: list[str] | None = None) -> PrunerCLI:
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [SkipSummary()]},
+        trainer_defaults={"callbacks": [SkipSummary(), EvaluationReport()]},
         seed_everything_default=0,
         args=args,
     )
@@ -99,6 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "export":
         export(args[1:])
+        return
+    if args and args[0] == "visualize":
+        from trainer.visualize import visualize
+
+        visualize(args[1:])
         return
     run_cli(argv)  # None: LightningCLI reads sys.argv itself
     # gloo can abort at interpreter exit if the process group is still alive (measured with ddp on CPU)
