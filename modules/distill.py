@@ -658,7 +658,7 @@ def export_pruner(directory, pruner_config: dict[str, Any], state_dict: dict[str
     training_data: what the head was trained on (e.g. the data config's train path), shown on the card."""
     from pathlib import Path
 
-    from modules.head import ADAPTER_DIR
+    from modules.head import ADAPTER_DIR, CONFIG_NAME
 
     head_state = {k[len(HEAD_PREFIX):]: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)}
     if not head_state:
@@ -671,16 +671,42 @@ def export_pruner(directory, pruner_config: dict[str, Any], state_dict: dict[str
     lora_state = {k[len(MODEL_PREFIX):]: v.detach().cpu().contiguous() for k, v in state_dict.items()
                   if _is_lora_key(k)}
     has_lora = lora_config is not None and bool(lora_state)
-    stale = Path(directory) / ADAPTER_DIR
-    if not has_lora and stale.exists():
-        # load_pruned would apply it to the model: a stale adapter silently changes what this pruner does
-        raise ValueError(f"{str(stale)!r} exists (an earlier export?) but this pruner has no LoRA adapters: "
-                         "remove it or export to a new directory")
-    directory = head.save_pretrained(directory, model_card_kwargs={"metrics": metrics, "training_data": training_data,
-                                                                   "lora": has_lora})
-    if has_lora:
-        _write_adapter(Path(directory) / ADAPTER_DIR, lora_config, lora_state)
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not (directory / CONFIG_NAME).is_file():
+        raise ValueError(f"{str(directory)!r} exists and is not a pruner directory (no {CONFIG_NAME}): export to a "
+                         "new or empty directory, or to an earlier export (which is replaced whole)")
+    with _replaced_atomically(directory) as staging:
+        head.save_pretrained(staging, model_card_kwargs={"metrics": metrics, "training_data": training_data,
+                                                         "lora": has_lora})
+        if has_lora:
+            _write_adapter(staging / ADAPTER_DIR, lora_config, lora_state)
     return directory
+
+
+@contextlib.contextmanager
+def _replaced_atomically(directory):
+    """Yield an empty staging directory next to `directory`; when the block completes, the staging directory
+    becomes `directory` (an earlier one is replaced whole: none of its files, e.g. a stale adapter, survive).
+    A process killed while writing leaves `directory` as it was; killed between the two renames, it leaves the
+    previous export beside it (`.<name>.previous-<pid>`) and no partial directory under the name."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = directory.parent / f".{directory.name}.previous-{os.getpid()}"
+    if directory.exists():
+        os.rename(directory, previous)
+    os.rename(staging, directory)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _write_adapter(adapter_dir, lora_config: dict[str, Any], lora_state: dict[str, torch.Tensor]) -> None:

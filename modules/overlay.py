@@ -2,25 +2,12 @@
 
 Pure functions (numpy / PIL, no matplotlib, no model calls). Two halves:
 
-- **Geometry** (`grid_views`): every visual item of a call as one or more `GridView`s: a (rows, cols) grid of
-  tokens, where those tokens start among the item's N_i (`start`), and the pixel box of the ORIGINAL picture the
-  grid covers (`box`, which may reach outside the picture: padding; or stay inside it: a centre crop). A token of
-  a grid is then the box cut into rows x cols equal cells, i.e. the exact inverse of what the processor did:
-    - LLaVA-1.5: the processor's fit (`ImageFit`: pad to square / resize / centre crop), read by the adapter, gives
-      the frame the (g x g) patch grid tiles; the frame mapped back onto the picture is the box.
-    - Qwen2-VL / 2.5-VL / 3-VL: `smart_resize` resizes the whole picture (no pad, no crop) to (h, w) patches; the
-      (h / merge) x (w / merge) merged tokens (`image_grid_thw`) tile it, so the box is the whole picture. Video:
-      one grid per temporal patch (shown on its first frame), over the whole frame.
-    - LLaVA-NeXT / OneVision (AnyRes): the base view is the whole picture squashed (box = the picture); the tiles
-      are the picture resized into the best pinpoint canvas keeping its aspect ratio and centred, cut into tiles;
-      the model unpads the tiles' token grid (HF's own `unpad_image`, run here on a grid of coordinates) and
-      OneVision may shrink it bilinearly (anyres_max): the final grid's shape is read from the model's own packing
-      (the adapter's content mask), its box is the unpadded canvas region mapped back onto the picture. A lone
-      OneVision view of a multi-image prompt is the picture padded to a centred square.
-  TEMPORARY (asked for in the report): the adapters expose this only through private methods (`_views`,
-  `_content`, `_segments`, `image_fit`); the AnyRes tile box is recomputed here from the same processor functions
-  the adapter calls (`select_best_resolution`, `get_patch_output_size`). A public `VLMAdapter.item_geometry(...)`
-  returning these `GridView`s should replace `grid_views`' family branches.
+- **Geometry** (`grid_views`): every visual item of a call as one or more `GridView`s (modules/vlm/base.py): a
+  (rows, cols) grid of tokens, where those tokens start among the item's N_i (`start`), and the pixel box of the
+  ORIGINAL picture the grid covers (`box`, which may reach outside the picture: padding; or stay inside it: a
+  centre crop). A token of a grid is then the box cut into rows x cols equal cells, i.e. the exact inverse of what
+  the processor did. How a family's processor and model place the tokens is the adapter's business: `grid_views`
+  checks the sizes and asks `VLMAdapter.item_geometry` (each adapter's docstring there says how it lays them out).
 - **Drawing** (`render_grid`, `overlay_figure`): a canvas in the picture's own pixel coordinates (extended to the
   grid's box), where
     - pixels of KEPT cells inside the picture are the picture's pixels, unchanged;
@@ -39,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +35,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from modules.vlm.base import box_valid_mask
+from modules.vlm.base import GridView
 
 DROPPED_BRIGHTNESS = 0.3
 UNSEEN_BRIGHTNESS = 0.25
@@ -65,62 +52,19 @@ PNG_KEY = "learnprune"
 # ---- geometry -----------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GridView:
-    """One grid of a visual item's tokens over one picture.
-
-    item:    the visual item (index into `out.pruning.kept[stage]`, `EncodedImages` order).
-    start:   index of the grid's first token among the item's N_i tokens (its tokens are start .. start+rows*cols-1,
-             row-major).
-    grid:    (rows, cols).
-    box:     (top, left, bottom, right) in the picture's pixels that the grid covers; cells are equal parts of it.
-    picture: ("image", i) for the i-th image of the call, ("video", v, f) for frame f of the v-th video.
-    label:   a short name ("image 0", "image 0 tiles", "video 0 frame 4", ...).
-    """
-
-    item: int
-    start: int
-    grid: tuple[int, int]
-    box: tuple[float, float, float, float]
-    picture: tuple
-    label: str
-
-    @property
-    def size(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    def scaled(self, sy: float, sx: float) -> GridView:
-        """The same grid over the picture resized by (sy, sx)."""
-        t, left, b, r = self.box
-        return replace(self, box=(t * sy, left * sx, b * sy, r * sx))
-
-    def padding(self, picture_size: tuple[int, int]) -> np.ndarray:
-        """(rows * cols,) bool: cells more than half outside a picture of (height, width) -- the padding tokens
-        (the same rule as the adapters' `valid` mask, `box_valid_mask`)."""
-        top, left, bottom, right = self.box
-        h, w = picture_size
-        inside = (-top, -left, h - top, w - left)  # the picture in the box's own coordinates
-        valid = box_valid_mask(inside, self.grid, (bottom - top, right - left))
-        return ~valid.numpy()
-
-
 def _int_sizes(sizes) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in torch.as_tensor(sizes).view(-1, 2).tolist()]
 
 
 def grid_views(adapter, inputs: dict, image_sizes=None, video_sizes=None, processor=None) -> list[GridView]:
-    """The `GridView`s of every visual item of one call, in item order.
+    """The `GridView`s of every visual item of one call, in item order (`VLMAdapter.item_geometry`).
 
     adapter: the call's `VLMAdapter` (`PrunedVLM.adapter`: its `view_unit` / `video_unit` follow the plan).
     inputs: the processor's output for the call (pixel_values, image_grid_thw, image_sizes, ...).
     image_sizes: (n_images, 2) original (height, width) of every image, in batch order (default:
         `inputs["image_sizes"]`). video_sizes: (n_videos, 2) of every video's frames.
-    processor: the processor that made `inputs`, when the adapter was built without one (LLaVA-1.5 needs its fit).
+    processor: the processor that made `inputs`, for adapters built without one that need its fit.
     """
-    from modules.vlm.llava import LlavaAdapter
-    from modules.vlm.llava_next import AnyResAdapter
-    from modules.vlm.qwen import QwenVLAdapter
-
     if image_sizes is None and inputs.get("image_sizes") is not None:
         image_sizes = inputs["image_sizes"]
     has_images = inputs.get("pixel_values") is not None
@@ -131,116 +75,7 @@ def grid_views(adapter, inputs: dict, image_sizes=None, video_sizes=None, proces
     if has_videos and video_sizes is None:
         raise ValueError("grid_views needs the frame (height, width) of every video: pass video_sizes")
     videos = _int_sizes(video_sizes) if has_videos else []
-    if isinstance(adapter, LlavaAdapter):
-        return _llava_views(adapter, images, processor)
-    if isinstance(adapter, QwenVLAdapter):
-        return _qwen_views(adapter, inputs, images, videos)
-    if isinstance(adapter, AnyResAdapter):
-        return _anyres_views(adapter, inputs, images, videos)
-    raise ValueError(f"no overlay geometry for adapter {type(adapter).__name__}")
-
-
-def _llava_views(adapter, images: list[tuple[int, int]], processor) -> list[GridView]:
-    from modules.vlm.llava import ImageFit
-
-    fit = adapter.image_fit
-    if fit is None:
-        if processor is None:
-            raise ValueError("the LLaVA overlay needs the processor that made pixel_values (its resize, crop or "
-                             "pad decides which part of the picture each token shows): pass processor=")
-        fit = ImageFit.from_processor(processor)
-    g = adapter.patch_grid
-    start = 1 - adapter._drop_cls  # the "full" strategy keeps [CLS] as token 0: no place in the picture
-    views = []
-    for i, (h, w) in enumerate(images):
-        (t, left, b, r), (fh, fw) = fit.content_box(h, w)
-        sy, sx = h / (b - t), w / (r - left)  # frame pixels -> picture pixels
-        box = (-t * sy, -left * sx, (fh - t) * sy, (fw - left) * sx)
-        views.append(GridView(item=i, start=start, grid=(g, g), box=box, picture=("image", i), label=f"image {i}"))
-    return views
-
-
-def _qwen_views(adapter, inputs: dict, images, videos) -> list[GridView]:
-    merge = adapter.merge
-    views, item = [], 0
-    grids = inputs.get("image_grid_thw")
-    grids = torch.as_tensor(grids).view(-1, 3).tolist() if grids is not None else []
-    if len(grids) != len(images):
-        raise ValueError(f"image_grid_thw has {len(grids)} images, image_sizes {len(images)}")
-    for i, ((_, h, w), (ph, pw)) in enumerate(zip(grids, images, strict=True)):
-        views.append(GridView(item=item, start=0, grid=(h // merge, w // merge), box=(0.0, 0.0, ph, pw),
-                              picture=("image", i), label=f"image {i}"))
-        item += 1
-    grids = inputs.get("video_grid_thw")
-    step = getattr(adapter.config.vision_config, "temporal_patch_size", 2)
-    for v, (t, h, w) in enumerate(torch.as_tensor(grids).view(-1, 3).tolist() if grids is not None else []):
-        rows, cols = h // merge, w // merge
-        fh, fw = videos[v]
-        for f in range(t):
-            per_frame = adapter.video_unit == "frame"
-            views.append(GridView(item=item + (f if per_frame else 0), start=0 if per_frame else f * rows * cols,
-                                  grid=(rows, cols), box=(0.0, 0.0, fh, fw), picture=("video", v, f * step),
-                                  label=f"video {v} frames {f * step}-{f * step + step - 1}"))
-        item += t if adapter.video_unit == "frame" else 1
-    return views
-
-
-def _anyres_tile_box(adapter, h: int, w: int) -> tuple[float, float, float, float]:
-    """The picture box the unpadded tile grid of an (h, w) image covers (before any anyres_max shrink, which
-    resamples the same region): the processor's canvas (best pinpoint, aspect-preserving resize, centred),
-    the model's own `unpad_image` run on a grid of token coordinates, mapped back to picture pixels."""
-    from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
-    from transformers.image_utils import ChannelDimension
-
-    canvas_h, canvas_w = select_best_resolution((h, w), adapter.config.image_grid_pinpoints)
-    probe = np.broadcast_to(np.zeros(1, dtype=np.uint8), (1, h, w))
-    new_h, new_w = get_patch_output_size(probe, (canvas_h, canvas_w), input_data_format=ChannelDimension.FIRST)
-    top, left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2
-    rows, cols = canvas_h // adapter.tile * adapter.side, canvas_w // adapter.tile * adapter.side
-    coords = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")).float()
-    kept = adapter._module.unpad_image(coords, [h, w])
-    r0, c0 = int(kept[0, 0, 0]), int(kept[1, 0, 0])
-    r1, c1 = int(kept[0, -1, 0]) + 1, int(kept[1, 0, -1]) + 1
-    patch = adapter.tile / adapter.side  # canvas pixels per token
-    sy, sx = h / new_h, w / new_w
-    return ((r0 * patch - top) * sy, (c0 * patch - left) * sx, (r1 * patch - top) * sy, (c1 * patch - left) * sx)
-
-
-def _anyres_views(adapter, inputs: dict, images, videos) -> list[GridView]:
-    views, item = [], 0
-    side = adapter.side
-    if images:
-        sizes = torch.as_tensor(inputs["image_sizes"]).view(-1, 2)
-        counts = adapter._views(inputs)
-        contents = adapter._content(counts, sizes)
-        for i, ((h, w), v, content) in enumerate(zip(images, counts, contents, strict=True)):
-            base = (0.0, 0.0, float(h), float(w))  # the base view squashes the whole picture
-            if v == 1:
-                if adapter.family == "llava_onevision":  # a lone view of a multi-image prompt: centred square
-                    s = max(h, w)
-                    t, left = (s - h) // 2, (s - w) // 2
-                    base = (-t, -left, s - t, s - left)
-                views.append(GridView(item, 0, (side, side), base, ("image", i), f"image {i}"))
-                item += 1
-                continue
-            tiles = content[side * side:]
-            rows = int((~tiles).sum())  # one newline per row of the (unpadded, possibly shrunk) tile grid
-            cols = int(tiles.sum()) // rows
-            tile_box = _anyres_tile_box(adapter, h, w)
-            apart = adapter.view_unit == "view"
-            views.append(GridView(item, 0, (side, side), base, ("image", i), f"image {i} base"))
-            views.append(GridView(item + apart, 0 if apart else side * side, (rows, cols), tile_box, ("image", i),
-                                  f"image {i} tiles"))
-            item += 1 + apart
-    for b, first, content in adapter._video_items(inputs):
-        per = math.ceil(side / 2)
-        frames = int(content.sum()) // (per * per)
-        fh, fw = videos[b]
-        for f in range(frames):
-            views.append(GridView(item, f * per * per, (per, per), (0.0, 0.0, fh, fw), ("video", b, first + f),
-                                  f"video {b} frame {first + f}"))
-        item += 1
-    return views
+    return adapter.item_geometry(inputs, image_sizes=images, video_sizes=videos, processor=processor)
 
 
 def check_views(views: list[GridView], num_tokens: list[int]) -> None:

@@ -333,12 +333,17 @@ def test_model_card_records_base_model_budgets_training_data_and_retention(lora_
     assert "0.5000 (50.0%)" in (tmp_path / "p" / "README.md").read_text()
 
 
-def test_export_pruner_refuses_a_stale_adapter_and_warns_on_unknown_config_keys(tmp_path):
+def test_export_pruner_replaces_an_earlier_export_whole_and_warns_on_unknown_config_keys(tmp_path):
     head = small_head()
     state = {HEAD_PREFIX + k: v for k, v in head.state_dict().items()}
-    (tmp_path / "p" / "adapter").mkdir(parents=True)
-    with pytest.raises(ValueError, match="adapter' exists"):
-        export_pruner(tmp_path / "p", asdict(head.config), state)
+    export_pruner(tmp_path / "p", asdict(head.config), state)
+    (tmp_path / "p" / "adapter").mkdir()  # e.g. an earlier export's LoRA adapter: load_pruned would apply it
+    export_pruner(tmp_path / "p", asdict(head.config), state)
+    assert not (tmp_path / "p" / "adapter").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["p"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a pruner")
+    with pytest.raises(ValueError, match="is not a pruner directory"):
+        export_pruner(tmp_path / "mine", asdict(head.config), state)
     with pytest.warns(PrunerFormatWarning, match=r"\['from_the_future'\]"):
         out = export_pruner(tmp_path / "q", {**asdict(head.config), "from_the_future": 1}, state)
     assert_same_head(PrunerHead.from_pretrained(out), head)

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -397,6 +398,49 @@ def _covered_fraction(start: float, length: float, patch: float, count: int) -> 
     return overlap.clamp(min=0) / patch
 
 
+@dataclass(frozen=True)
+class GridView:
+    """One grid of a visual item's tokens over one picture (what `VLMAdapter.item_geometry` lays out).
+
+    A token of the grid is the `box` cut into rows x cols equal cells: the inverse of what the processor did to the
+    picture, so the cell shows what the token saw.
+
+    item:    the visual item (index into `out.pruning.kept[stage]`, `EncodedImages` order).
+    start:   index of the grid's first token among the item's N_i tokens (its tokens are start .. start+rows*cols-1,
+             row-major).
+    grid:    (rows, cols).
+    box:     (top, left, bottom, right) in the picture's pixels that the grid covers; cells are equal parts of it. It
+             may reach outside the picture (padding) or stay inside it (a centre crop).
+    picture: ("image", i) for the i-th image of the call, ("video", v, f) for frame f of the v-th video.
+    label:   a short name ("image 0", "image 0 tiles", "video 0 frame 4", ...).
+    """
+
+    item: int
+    start: int
+    grid: tuple[int, int]
+    box: tuple[float, float, float, float]
+    picture: tuple
+    label: str
+
+    @property
+    def size(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def scaled(self, sy: float, sx: float) -> GridView:
+        """The same grid over the picture resized by (sy, sx)."""
+        t, left, b, r = self.box
+        return replace(self, box=(t * sy, left * sx, b * sy, r * sx))
+
+    def padding(self, picture_size: tuple[int, int]) -> np.ndarray:
+        """(rows * cols,) bool: cells more than half outside a picture of (height, width) -- the padding tokens
+        (the same rule as the adapters' `valid` mask, `box_valid_mask`)."""
+        top, left, bottom, right = self.box
+        h, w = picture_size
+        inside = (-top, -left, h - top, w - left)  # the picture in the box's own coordinates
+        valid = box_valid_mask(inside, self.grid, (bottom - top, right - left))
+        return ~valid.numpy()
+
+
 class VLMAdapter(ABC):
     """What learnprune needs from one VLM family. Subclasses set `model_types` and implement the abstract parts.
 
@@ -469,6 +513,24 @@ class VLMAdapter(ABC):
     def check_stage2_layer(self, layer: int) -> None:
         """Refuse a stage-2 layer K the family cannot prune at (any K in [1, L-1] by default)."""
         return None
+
+    def item_geometry(self, inputs: dict, image_sizes: list[tuple[int, int]] | None = None,
+                      video_sizes: list[tuple[int, int]] | None = None, processor=None) -> list[GridView]:
+        """Where every visual item's tokens sit in the original pictures: the `GridView`s of one call, in item order
+        (`EncodedImages` order; the adapter's `view_unit` / `video_unit` decide what an item is).
+
+        inputs: the processor's output for the call (pixel_values, image_grid_thw, image_sizes, ...).
+        image_sizes: the original (height, width) of every image of the call, in batch order, as ints (empty or
+            None: the call has no images). video_sizes: the (height, width) of every video's frames.
+        processor: the processor that made `inputs`, for families that need its fit when the adapter was built
+            without one.
+
+        Each item's grids must lie within its N_i tokens and cover all of them but at most one (a token with no
+        place in the picture, e.g. a kept [CLS]); `modules.overlay.check_views` tests that against a forward's
+        counts. The default raises: a family without overlay geometry cannot be drawn.
+        """
+        raise ValueError(f"no overlay geometry for adapter {type(self).__name__}: it does not implement "
+                         "VLMAdapter.item_geometry")
 
     def language_model(self) -> nn.Module:
         """The decoder stack (the module whose forward takes inputs_embeds and runs `language_layers`)."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from modules.vlm.base import EncodedImages, VisionTokens, VLMAdapter, box_valid_mask
+from modules.vlm.base import EncodedImages, GridView, VisionTokens, VLMAdapter, box_valid_mask
 
 
 @dataclass(frozen=True)
@@ -215,6 +215,31 @@ class LlavaAdapter(VLMAdapter):
         if not self._drop_cls:
             valid = torch.cat([torch.ones(n_img, 1, dtype=torch.bool, device=device), valid], dim=1)
         return valid
+
+    # ---- overlay geometry -------------------------------------------------------------------------------------
+    def item_geometry(self, inputs: dict, image_sizes: list[tuple[int, int]] | None = None,
+                      video_sizes: list[tuple[int, int]] | None = None, processor=None) -> list[GridView]:
+        """One (g x g) grid per image: the processor's fit (`ImageFit`: pad to square / resize / centre crop) gives
+        the frame the patch grid tiles; that frame mapped back onto the picture is the box (beyond the picture
+        where the processor padded, inside it where it cropped). With the "full" strategy token 0 is [CLS], which
+        has no place in the picture: the grid starts at token 1. `processor` is needed when the adapter was built
+        without one (the fit decides which part of the picture each token shows)."""
+        fit = self.image_fit
+        if fit is None:
+            if processor is None:
+                raise ValueError("the LLaVA overlay needs the processor that made pixel_values (its resize, crop or "
+                                 "pad decides which part of the picture each token shows): pass processor=")
+            fit = ImageFit.from_processor(processor)
+        g = self.patch_grid
+        start = 1 - self._drop_cls  # the "full" strategy keeps [CLS] as token 0: no place in the picture
+        views = []
+        for i, (h, w) in enumerate(image_sizes or []):
+            (t, left, b, r), (fh, fw) = fit.content_box(h, w)
+            sy, sx = h / (b - t), w / (r - left)  # frame pixels -> picture pixels
+            box = (-t * sy, -left * sx, (fh - t) * sy, (fw - left) * sx)
+            views.append(GridView(item=i, start=start, grid=(g, g), box=box, picture=("image", i),
+                                  label=f"image {i}"))
+        return views
 
     # ---- language side ----------------------------------------------------------------------------------------
     def default_position_ids(

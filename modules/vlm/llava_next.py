@@ -34,6 +34,7 @@ from transformers.image_utils import ChannelDimension
 
 from modules.vlm.base import (
     EncodedImages,
+    GridView,
     Pinned,
     VisionTokens,
     VLMAdapter,
@@ -251,6 +252,15 @@ class AnyResAdapter(VLMAdapter):
         k = attn.k_proj(x).view(views, length, attn.num_heads, attn.head_dim).transpose(1, 2)
         return torch.stack([mean_query_attention(q[v], k[v], attn.scale) for v in range(views)])
 
+    def _canvas(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """The processor's tile canvas for a (height, width) image: ((canvas height, width) of the best grid
+        pinpoint, (height, width) of the image resized into it keeping its aspect ratio, (top, left) where it is
+        centred)."""
+        canvas_h, canvas_w = select_best_resolution((height, width), self.config.image_grid_pinpoints)
+        image = np.broadcast_to(np.zeros(1, dtype=np.uint8), (1, height, width))
+        new_h, new_w = get_patch_output_size(image, (canvas_h, canvas_w), input_data_format=ChannelDimension.FIRST)
+        return (canvas_h, canvas_w), (new_h, new_w), ((canvas_h - new_h) // 2, (canvas_w - new_w) // 2)
+
     def _tile_validity(self, size: list[int], views: int) -> torch.Tensor:
         """(views, L) float: 1 where a token shows the image, 0 where it shows padding, from the processor's fit:
         the base view is the whole image squashed (no padding); tiles cut a canvas of the best grid pinpoint in
@@ -265,10 +275,7 @@ class AnyResAdapter(VLMAdapter):
             box = ((side - height) // 2, (side - width) // 2, (side - height) // 2 + height,
                    (side - width) // 2 + width)
             return box_valid_mask(box, (self.side, self.side), (side, side)).float().view(1, length)
-        canvas_h, canvas_w = select_best_resolution((height, width), self.config.image_grid_pinpoints)
-        image = np.broadcast_to(np.zeros(1, dtype=np.uint8), (1, height, width))
-        new_h, new_w = get_patch_output_size(image, (canvas_h, canvas_w), input_data_format=ChannelDimension.FIRST)
-        top, left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2
+        (canvas_h, canvas_w), (new_h, new_w), (top, left) = self._canvas(height, width)
         rows, cols = canvas_h // self.tile, canvas_w // self.tile
         grid = (rows * self.side, cols * self.side)
         mask = box_valid_mask((top, left, top + new_h, left + new_w), grid, (canvas_h, canvas_w)).float()
@@ -278,6 +285,67 @@ class AnyResAdapter(VLMAdapter):
             raise ValueError(f"image of {height}x{width}: the processor's grid gives {rows * cols} tiles, the model "
                              f"expects {views - 1}: processor and model do not match")
         return torch.cat([torch.ones(1, length), tiles])
+
+    # ---- overlay geometry -------------------------------------------------------------------------------------
+    def item_geometry(self, inputs: dict, image_sizes: list[tuple[int, int]] | None = None,
+                      video_sizes: list[tuple[int, int]] | None = None, processor=None) -> list[GridView]:
+        """Per image: the base view is the whole picture squashed (box = the picture); the tiles are the picture
+        resized into the best pinpoint canvas keeping its aspect ratio and centred, cut into tiles. The model
+        unpads the tiles' token grid and OneVision may shrink it bilinearly (anyres_max): the final grid's shape is
+        read from the model's own packing (`_content`: one newline per row), its box is the unpadded canvas region
+        mapped back onto the picture (`_tile_box`). Base and tiles are one item (the tiles' grid starts after the
+        base's side x side tokens), or two with `views="view"`. A lone OneVision view of a multi-image prompt is the
+        picture padded to a centred square. Video: one pooled ceil(side/2)^2 grid per frame over the whole frame,
+        stacked in its item (`_video_items`: a clip, or one frame with `video="frame"`)."""
+        images, videos = image_sizes or [], video_sizes or []
+        views, item = [], 0
+        side = self.side
+        if images:
+            sizes = torch.as_tensor(inputs["image_sizes"]).view(-1, 2)
+            counts = self._views(inputs)
+            contents = self._content(counts, sizes)
+            for i, ((h, w), v, content) in enumerate(zip(images, counts, contents, strict=True)):
+                base = (0.0, 0.0, float(h), float(w))  # the base view squashes the whole picture
+                if v == 1:
+                    if self.family == "llava_onevision":  # a lone view of a multi-image prompt: centred square
+                        s = max(h, w)
+                        t, left = (s - h) // 2, (s - w) // 2
+                        base = (-t, -left, s - t, s - left)
+                    views.append(GridView(item, 0, (side, side), base, ("image", i), f"image {i}"))
+                    item += 1
+                    continue
+                tiles = content[side * side:]
+                rows = int((~tiles).sum())  # one newline per row of the (unpadded, possibly shrunk) tile grid
+                cols = int(tiles.sum()) // rows
+                tile_box = self._tile_box(h, w)
+                apart = self.view_unit == "view"
+                views.append(GridView(item, 0, (side, side), base, ("image", i), f"image {i} base"))
+                views.append(GridView(item + apart, 0 if apart else side * side, (rows, cols), tile_box, ("image", i),
+                                      f"image {i} tiles"))
+                item += 1 + apart
+        for b, first, content in self._video_items(inputs):
+            per = math.ceil(side / 2)
+            frames = int(content.sum()) // (per * per)
+            fh, fw = videos[b]
+            for f in range(frames):
+                views.append(GridView(item, f * per * per, (per, per), (0.0, 0.0, fh, fw), ("video", b, first + f),
+                                      f"video {b} frame {first + f}"))
+            item += 1
+        return views
+
+    def _tile_box(self, h: int, w: int) -> tuple[float, float, float, float]:
+        """The picture box the unpadded tile grid of an (h, w) image covers (before any anyres_max shrink, which
+        resamples the same region): the processor's canvas (`_canvas`), the model's own `unpad_image` run on a grid
+        of token coordinates, mapped back to picture pixels."""
+        (canvas_h, canvas_w), (new_h, new_w), (top, left) = self._canvas(h, w)
+        rows, cols = canvas_h // self.tile * self.side, canvas_w // self.tile * self.side
+        coords = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")).float()
+        kept = self._module.unpad_image(coords, [h, w])
+        r0, c0 = int(kept[0, 0, 0]), int(kept[1, 0, 0])
+        r1, c1 = int(kept[0, -1, 0]) + 1, int(kept[1, 0, -1]) + 1
+        patch = self.tile / self.side  # canvas pixels per token
+        sy, sx = h / new_h, w / new_w
+        return ((r0 * patch - top) * sy, (c0 * patch - left) * sx, (r1 * patch - top) * sy, (c1 * patch - left) * sx)
 
     # ---- language side ----------------------------------------------------------------------------------------
     def default_position_ids(

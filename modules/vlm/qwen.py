@@ -25,7 +25,7 @@ import sys
 import torch
 from torch import nn
 
-from modules.vlm.base import EncodedImages, Spliced, VisionTokens, VLMAdapter, mean_query_attention
+from modules.vlm.base import EncodedImages, GridView, Spliced, VisionTokens, VLMAdapter, mean_query_attention
 
 VIDEO_UNITS = ("clip", "frame")
 
@@ -191,6 +191,37 @@ class QwenVLAdapter(VLMAdapter):
         bounds = captured["cu_seqlens"].tolist()
         return torch.cat([mean_query_attention(q[:, start:end], k[:, start:end], attn.scaling)
                           for start, end in zip(bounds[:-1], bounds[1:], strict=True)])
+
+    # ---- overlay geometry -------------------------------------------------------------------------------------
+    def item_geometry(self, inputs: dict, image_sizes: list[tuple[int, int]] | None = None,
+                      video_sizes: list[tuple[int, int]] | None = None, processor=None) -> list[GridView]:
+        """`smart_resize` resizes the whole picture (no pad, no crop) to (h, w) patches; the (h / merge) x
+        (w / merge) merged tokens (`image_grid_thw`) tile it, so an image's box is the whole picture. Video: one
+        grid per temporal patch, over the whole frame, shown on the patch's first frame; with `video="frame"` each
+        is an item of its own, else they stack in the clip's item (frame f's grid starts at f * rows * cols)."""
+        images, videos = image_sizes or [], video_sizes or []
+        merge = self.merge
+        views, item = [], 0
+        grids = inputs.get("image_grid_thw")
+        grids = torch.as_tensor(grids).view(-1, 3).tolist() if grids is not None else []
+        if len(grids) != len(images):
+            raise ValueError(f"image_grid_thw has {len(grids)} images, image_sizes {len(images)}")
+        for i, ((_, h, w), (ph, pw)) in enumerate(zip(grids, images, strict=True)):
+            views.append(GridView(item=item, start=0, grid=(h // merge, w // merge), box=(0.0, 0.0, ph, pw),
+                                  picture=("image", i), label=f"image {i}"))
+            item += 1
+        grids = inputs.get("video_grid_thw")
+        step = getattr(self.config.vision_config, "temporal_patch_size", 2)
+        for v, (t, h, w) in enumerate(torch.as_tensor(grids).view(-1, 3).tolist() if grids is not None else []):
+            rows, cols = h // merge, w // merge
+            fh, fw = videos[v]
+            for f in range(t):
+                per_frame = self.video_unit == "frame"
+                views.append(GridView(item=item + (f if per_frame else 0), start=0 if per_frame else f * rows * cols,
+                                      grid=(rows, cols), box=(0.0, 0.0, fh, fw), picture=("video", v, f * step),
+                                      label=f"video {v} frames {f * step}-{f * step + step - 1}"))
+            item += t if self.video_unit == "frame" else 1
+        return views
 
     # ---- language side ----------------------------------------------------------------------------------------
     def default_position_ids(
