@@ -20,6 +20,7 @@ pads them. LLaVA-OneVision tells a prompt's lone image (tiled) from several (one
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +43,23 @@ class LlavaCollator:
     With `max_length`, a conversation too long after image-token expansion loses trailing question/answer pairs;
     when not even the first pair fits the item is dropped and counted in `skipped`. Nothing is truncated
     mid-sequence: cutting image tokens would desynchronise them from the image features.
+
+    One bad item never fails the batch: when the processor (or the chat template) raises for the batch, each item
+    is tried alone and those it rejects alone are dropped (`rejected_by_processor`, e.g. Qwen-VL's processors
+    refuse an image whose aspect ratio exceeds 200). If every item passes alone the batch's error is raised; if
+    `MAX_REJECTED_IN_A_ROW` items in a row are rejected with none accepted between them, that is a configuration
+    problem, not bad records, and a ValueError.
+
+    `dataset` (optional, the `LlavaJsonDataset` the items come from): the batch then also reports its skips by
+    kind, `skipped_kinds` {kind: count} (the dataset's load-time skips since the previous batch, drained with
+    `take_load_skips`, plus this collator's own `too_long` / `rejected_by_processor`), and `skipped_messages`
+    {kind: [message, ...]}, one message per skip naming the record and the file or field. Without it batches carry
+    `skipped` only.
     """
 
-    def __init__(self, processor, max_length: int | None = None):
+    MAX_REJECTED_IN_A_ROW = 32
+
+    def __init__(self, processor, max_length: int | None = None, dataset=None):
         if max_length is not None and max_length <= 0:
             raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
         self.processor = processor
@@ -63,6 +78,8 @@ class LlavaCollator:
             raise ValueError(f"image token {image_token!r} is not in the tokenizer's vocabulary")
         image_processor = getattr(processor, "image_processor", None)
         self.nest_images = "batch_num_images" in getattr(image_processor, "model_input_names", ())
+        self.dataset = dataset
+        self._rejected_in_a_row = 0
 
     # -- text side ---------------------------------------------------------------------------------------------
 
@@ -172,41 +189,120 @@ class LlavaCollator:
         width), images in batch order (row by row, each row's in conversation order); labels (B, L) int64, -100
         except answer tokens and the end-of-turn token after each answer; prompt_end (B,) int64, column of the
         last token before the first answer token; skipped: int, items dropped in this batch (None from the
-        dataset, or too long). When every item is dropped the batch is only {"skipped": k}: the training loop
-        must skip it. Any other processor output passes through unchanged.
+        dataset, too long, or rejected by the processor); ids: the kept items' record ids. With a `dataset`,
+        also skipped_kinds and skipped_messages (see the class docstring). When every item is dropped the batch
+        has no input_ids, only {"skipped": k} (and the skip report): the training loop must skip it. Any other
+        processor output passes through unchanged.
 
         Items: {"messages", "images", "image_sizes"} (or one "image" with its "image_size"), as LlavaJsonDataset
         makes them.
         """
+        kinds, messages = Counter(), {}
         kept = []
         for it in items:
             if it is not None:
                 it = dict(it)
                 it["images"], it["image_sizes"] = self._images(it)
                 kept.append(it)
-        skipped = len(items) - len(kept)
-        encs = [self._encode(it["messages"]) for it in kept]
+        kept, encs = self._encode_items(kept, kinds, messages)
+        out = None
 
         if kept and self.max_length is not None:
-            out = self._process([it["images"] for it in kept], [e.text for e in encs])
-            lengths = out["attention_mask"].sum(dim=1).tolist()
+            kept, encs, out = self._process_items(kept, encs, kinds, messages)
+            lengths = out["attention_mask"].sum(dim=1).tolist() if kept else []
             fitted_items, fitted_encs, changed = [], [], False
             for it, enc, n in zip(kept, encs, lengths):
                 new = enc if n <= self.max_length else self._fit(it, enc, n)
                 changed |= new is not enc
                 if new is None:
-                    skipped += 1
+                    where = it.get("source") or f"item {it.get('id')!r}"
+                    self._note(kinds, messages, "too_long", f"{where}: {n} tokens after image-token expansion; not "
+                               f"even its first question and answer fit max_length={self.max_length}")
                     continue
                 fitted_items.append(it)
                 fitted_encs.append(new)
-            kept, encs = fitted_items, fitted_encs
-            if not changed:
-                return self._finish(kept, encs, out, skipped)
+            if changed:
+                kept, encs, out = fitted_items, fitted_encs, None
 
+        if kept and out is None:
+            kept, encs, out = self._process_items(kept, encs, kinds, messages)
+        skipped = len(items) - len(kept)
+        report = self._skip_report(kinds, messages)
         if not kept:
-            return {"skipped": skipped}
-        out = self._process([it["images"] for it in kept], [e.text for e in encs])
-        return self._finish(kept, encs, out, skipped)
+            return {"skipped": skipped, **report}
+        return {**self._finish(kept, encs, out, skipped), **report}
+
+    # -- bad items ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _note(kinds: Counter, messages: dict[str, list[str]], kind: str, message: str) -> None:
+        kinds[kind] += 1
+        messages.setdefault(kind, []).append(message)
+
+    def _reject(self, item: dict, err: Exception, kinds: Counter, messages: dict[str, list[str]]) -> None:
+        paths = item.get("image_paths")
+        where = item.get("source") or f"item {item.get('id')!r}"
+        where += f" (images {paths})" if paths else ""
+        self._note(kinds, messages, "rejected_by_processor",
+                   f"{where}: the processor rejected it: {type(err).__name__}: {err}")
+        self._rejected_in_a_row += 1
+        if self._rejected_in_a_row >= self.MAX_REJECTED_IN_A_ROW:
+            self._rejected_in_a_row = 0
+            raise ValueError(f"the processor rejected {self.MAX_REJECTED_IN_A_ROW} items in a row and accepted "
+                             f"none; the last, {where}: {type(err).__name__}: {err}. This looks like a processor or "
+                             "configuration problem, not bad records") from err
+
+    def _encode_items(self, kept: list[dict], kinds: Counter, messages: dict[str, list[str]]):
+        good, encs = [], []
+        for it in kept:
+            try:
+                enc = self._encode(it["messages"])
+            except Exception as err:  # noqa: BLE001 - a template that fails on one item fails that item
+                if isinstance(err, MemoryError):
+                    raise
+                self._reject(it, err, kinds, messages)
+                continue
+            good.append(it)
+            encs.append(enc)
+        return good, encs
+
+    def _process_items(self, kept: list[dict], encs: list[_Encoded], kinds: Counter, messages: dict[str, list[str]]):
+        """(kept, encs, processor output) after one processor call for the batch; when it raises, the items the
+        processor rejects alone are dropped and counted and the others processed again."""
+        if not kept:
+            return kept, encs, None
+        try:
+            out = self._process([it["images"] for it in kept], [e.text for e in encs])
+        except Exception as err:  # noqa: BLE001 - narrowed down item by item below
+            if isinstance(err, MemoryError):
+                raise
+            batch_error = err
+        else:
+            self._rejected_in_a_row = 0
+            return kept, encs, out
+        good = []
+        for it, enc in zip(kept, encs):
+            try:
+                self._process([it["images"]], [enc.text])
+            except Exception as err:  # noqa: BLE001
+                if isinstance(err, MemoryError):
+                    raise
+                self._reject(it, err, kinds, messages)
+            else:
+                good.append((it, enc))
+        if len(good) == len(kept):
+            raise batch_error  # every item passes alone: the batch itself is the problem
+        if not good:
+            return [], [], None
+        kept, encs = [it for it, _ in good], [enc for _, enc in good]
+        return self._process_items(kept, encs, kinds, messages)
+
+    def _skip_report(self, kinds: Counter, messages: dict[str, list[str]]) -> dict:
+        if self.dataset is None:
+            return {}
+        for kind, message in self.dataset.take_load_skips():
+            self._note(kinds, messages, kind, message)
+        return {"skipped_kinds": dict(kinds), "skipped_messages": messages}
 
     def _finish(self, kept: list[dict], encs: list[_Encoded], out, skipped: int) -> dict:
         input_ids, attention_mask = out["input_ids"], out["attention_mask"]

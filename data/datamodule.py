@@ -1,8 +1,9 @@
-"""LightningDataModule over LLaVA conversation JSON files.
+"""LightningDataModule over LLaVA conversation JSON / JSON Lines files.
 
 Skip accounting has two halves. Construction-time skips (malformed records, missing files, ...) live in each
-dataset's `init_skipped`. Load-time skips (unreadable images, too-long items) happen inside DataLoader workers,
-whose counters never reach the main process, so they travel in each batch as `batch["skipped"]` and are tallied
+dataset's `init_skipped`. Load-time skips (unreadable or oversized images, too-long items, items the processor
+rejects) happen inside DataLoader workers, whose counters never reach the main process, so they travel in each
+batch as `batch["skipped"]` (with their kinds and messages, `skipped_kinds` / `skipped_messages`) and are tallied
 here in `on_before_batch_transfer`, which Lightning runs in the main process for every batch.
 """
 
@@ -15,7 +16,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
 from data.collate import LlavaCollator
-from data.llava_json import LlavaJsonDataset, format_skips
+from data.llava_json import DEFAULT_MAX_IMAGE_PIXELS, MAX_EXAMPLES, SKIP_KINDS, LlavaJsonDataset, format_skips
+from data.resumable import LoaderPosition, ResumableBatchSampler, ResumableDataLoader
 
 _STAGES = ("train", "validate", "test", "predict")
 
@@ -42,7 +44,8 @@ class LlavaDataModule(LightningDataModule):
     """Datasets are built lazily in `setup`; the processor is loaded from `processor` (a local path or hub id)
     unless a LightningModule shares its own through `set_processor`.
 
-    Batches may be `{"skipped": k}` only, when every item of a batch was unreadable: skip those in the loop.
+    Batches may have no `input_ids` (only `{"skipped": k, ...}`), when every item of a batch was dropped: skip
+    those in the loop. `max_image_pixels` (None: no limit) is the datasets' decompression-bomb guard.
     `predict` reads `predict_json`, falling back to `test_json`.
     """
 
@@ -58,6 +61,7 @@ class LlavaDataModule(LightningDataModule):
         num_workers: int = 0,
         max_length: int | None = None,
         seed: int = 0,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         super().__init__()
         if batch_size <= 0:
@@ -73,10 +77,15 @@ class LlavaDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.max_length = max_length
         self.seed = seed
+        self.train_position = LoaderPosition()  # shared with the train loader, saved in checkpoints
+        self.max_image_pixels = max_image_pixels
         self._processor = None
         self.datasets: dict[str, LlavaJsonDataset] = {}
         # (stage, epoch) -> items dropped at load time, as reported by the collator.
         self.runtime_skipped: Counter = Counter()
+        # (stage, epoch) -> Counter of those drops by kind; stage -> kind -> the first messages
+        self.runtime_kinds: defaultdict[tuple[str, int], Counter] = defaultdict(Counter)
+        self.runtime_messages: defaultdict[str, dict[str, list[str]]] = defaultdict(dict)
 
     # -- processor ---------------------------------------------------------------------------------------------
 
@@ -105,7 +114,8 @@ class LlavaDataModule(LightningDataModule):
                 names = {"train": "train_json", "validate": "val_json", "test": "test_json",
                          "predict": "predict_json or test_json"}
                 raise ValueError(f"no data for stage {stage!r}: set {names[stage]}")
-            self.datasets[stage] = LlavaJsonDataset(path, self.image_root, self.processor, self.max_length)
+            self.datasets[stage] = LlavaJsonDataset(path, self.image_root, self.processor, self.max_length,
+                                                    max_image_pixels=self.max_image_pixels)
         return self.datasets[stage]
 
     def setup(self, stage: str | None = None) -> None:
@@ -118,12 +128,21 @@ class LlavaDataModule(LightningDataModule):
 
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:
         dataset = self._dataset(stage)
-        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
-        return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            collate_fn=LlavaCollator(self.processor, self.max_length),
-            persistent_workers=self.num_workers > 0, pin_memory=False,
-        )
+        collate = LlavaCollator(self.processor, self.max_length, dataset=dataset)  # reports skips by kind
+        common = dict(num_workers=self.num_workers, collate_fn=collate,
+                      persistent_workers=self.num_workers > 0, pin_memory=False)
+        if shuffle:  # the training loader: resumable mid-epoch, in the order an uninterrupted run sees
+            batches = ResumableBatchSampler(EpochShuffleSampler(len(dataset), self.seed), self.batch_size,
+                                            drop_last=False, position=self.train_position)
+            return ResumableDataLoader(dataset, batch_sampler=batches, position=self.train_position, **common)
+        return DataLoader(dataset, batch_size=self.batch_size, **common)
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: where the training loader is in its epoch (see data/resumable.py)."""
+        return {"train_position": self.train_position.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train_position.load_state_dict(state.get("train_position", {}))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -154,26 +173,66 @@ class LlavaDataModule(LightningDataModule):
         if not isinstance(batch, dict) or not batch.get("skipped"):
             return
         cur_stage, cur_epoch = self._current()
-        self.runtime_skipped[(stage or cur_stage, cur_epoch if epoch is None else epoch)] += int(batch["skipped"])
+        key = (stage or cur_stage, cur_epoch if epoch is None else epoch)
+        skipped = int(batch["skipped"])
+        self.runtime_skipped[key] += skipped
+        kinds = Counter({k: int(n) for k, n in (batch.get("skipped_kinds") or {}).items() if n})
+        # drops the batch does not name (a collator without the dataset): the dataset's Nones, unreadable images
+        kinds["unreadable_image"] += max(0, skipped - sum(kinds.values()))
+        self.runtime_kinds[key].update(+kinds)
+        examples = self.runtime_messages[key[0]]
+        for kind, messages in (batch.get("skipped_messages") or {}).items():
+            room = MAX_EXAMPLES - len(examples.setdefault(kind, []))
+            examples[kind] += list(messages)[:max(0, room)]
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         self.record_skipped(batch)
         return batch
 
-    def skip_summary(self, stage: str = "train", epoch: int | None = None) -> str:
-        """Init-time skips per kind plus load-time drops of `epoch` (default: the latest epoch seen), e.g.
-        "train: skipped 3 of 20 records: missing_image=1, malformed=1; dropped at load (epoch 0): 1"."""
+    def _epoch(self, stage: str, epoch: int | None) -> int:
         if stage not in _STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {_STAGES}")
+        if epoch is None:
+            seen = [e for (s, e) in self.runtime_skipped if s == stage]
+            epoch = max(seen) if seen else self._current()[1]
+        return epoch
+
+    def skip_summary(self, stage: str = "train", epoch: int | None = None) -> str:
+        """Init-time skips per kind plus load-time drops of `epoch` (default: the latest epoch seen), e.g.
+        "train: skipped 3 of 20 records: missing_image=1, malformed=1; dropped at load (epoch 0): 1". The drops
+        are broken down by kind, "dropped at load (epoch 0): 3 (unreadable_image=1, image_too_large=2)", unless
+        every one was an unreadable image (the plain count, as before kinds were reported)."""
+        epoch = self._epoch(stage, epoch)
         ds = self.datasets.get(stage)
         init = format_skips(ds.init_skipped, ds.total) if ds is not None else "not set up"
-        per_epoch = defaultdict(int)
-        for (s, e), n in self.runtime_skipped.items():
-            if s == stage:
-                per_epoch[e] += n
-        if epoch is None:
-            epoch = max(per_epoch) if per_epoch else self._current()[1]
-        return f"{stage}: {init}; dropped at load (epoch {epoch}): {per_epoch.get(epoch, 0)}"
+        dropped = self.runtime_skipped.get((stage, epoch), 0)
+        kinds = self.runtime_kinds.get((stage, epoch), Counter())
+        text = f"{stage}: {init}; dropped at load (epoch {epoch}): {dropped}"
+        if set(kinds) - {"unreadable_image"}:
+            order = [k for k in SKIP_KINDS if kinds.get(k)] + sorted(k for k in kinds if k not in SKIP_KINDS)
+            text += " (" + ", ".join(f"{k}={kinds[k]}" for k in order) + ")"
+        return text
+
+    def skip_counts(self, stage: str = "train", epoch: int | None = None) -> Counter:
+        """Every skip of `stage` by kind: construction-time ones plus the load-time drops of `epoch` (default: the
+        latest epoch seen)."""
+        epoch = self._epoch(stage, epoch)
+        ds = self.datasets.get(stage)
+        counts = Counter(ds.init_skipped) if ds is not None else Counter()
+        counts.update(self.runtime_kinds.get((stage, epoch), Counter()))
+        return +counts
+
+    def skip_report(self, stage: str = "train", epoch: int | None = None) -> str:
+        """`skip_summary` and, per kind, the first messages naming the offending record and field or file."""
+        lines = [self.skip_summary(stage, epoch)]
+        ds = self.datasets.get(stage)
+        examples = {k: list(v) for k, v in (ds.init_examples.items() if ds is not None else ())}
+        for kind, messages in self.runtime_messages.get(stage, {}).items():
+            room = MAX_EXAMPLES - len(examples.setdefault(kind, []))
+            examples[kind] += messages[:max(0, room)]
+        order = [k for k in SKIP_KINDS if k in examples] + sorted(k for k in examples if k not in SKIP_KINDS)
+        lines += [f"  {kind}: {message}" for kind in order for message in examples[kind]]
+        return "\n".join(lines)
 
 
 class ToyWorldDataModule(LlavaDataModule):

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from transformers import DynamicCache
 
@@ -149,11 +151,23 @@ class PruningPlan:
     @classmethod
     def load(cls, path: str | Path) -> PruningPlan:
         path = Path(path)
-        if path.suffix == ".json":
-            return cls.from_dict(json.loads(path.read_text()))
-        if path.suffix in (".yaml", ".yml"):
-            return cls.from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
-        raise ValueError(f"plan file {str(path)!r} must end in .json, .yaml or .yml")
+        if path.suffix not in (".json", ".yaml", ".yml"):
+            raise ValueError(f"plan file {str(path)!r} must end in .json, .yaml or .yml")
+        if not path.is_file():
+            raise ValueError(f"plan file {str(path)!r} does not exist")
+        try:
+            raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+            if isinstance(raw, dict) and path.suffix != ".json":  # interpolations (${...}) as in the configs
+                raw = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+        except (ValueError, UnicodeDecodeError, OmegaConfBaseException, yaml.YAMLError) as err:
+            raise ValueError(f"plan file {str(path)!r} is not valid {path.suffix[1:].upper()}: {err}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"plan file {str(path)!r} must hold a mapping of plan fields, got a "
+                             f"{type(raw).__name__}")
+        try:
+            return cls.from_dict(raw)
+        except ValueError as err:
+            raise ValueError(f"plan file {str(path)!r}: {err}") from None
 
     def components(self) -> list[tuple[int, Any]]:
         """(stage, component) for every selector/scorer of the plan, wrapped ones included (outer first)."""

@@ -82,34 +82,45 @@ def final_metrics(runs: Path) -> str:
     return dict(zip(header, last_val.split(",")))
 
 
-@pytest.mark.slow
-def test_resume_after_kill_matches_uninterrupted_run(tiny_workspace, tmp_path):
-    args = ["fit", "--config", CONFIG, "--trainer.max_epochs", "3"]
-    run_trainer(args, tiny_workspace, tmp_path / "straight")
+@pytest.fixture(scope="module")
+def straight_run(tiny_workspace, tmp_path_factory) -> Path:
+    """An uninterrupted 3-epoch run (12 steps of 8 records) for the resume tests to match."""
+    runs = tmp_path_factory.mktemp("straight")
+    run_trainer(["fit", "--config", CONFIG, "--trainer.max_epochs", "3"], tiny_workspace, runs)
+    return runs
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_resume_after_kill_matches_uninterrupted_run(tiny_workspace, straight_run, tmp_path, seed):
+    """SIGKILL as a random step starts (steps 7, 3, 1 of 12: mid-epoch), resume from `last`: the same final
+    metrics and bit-identical weights as the uninterrupted run. Exact mid-epoch too, because the data module saves
+    the training loader's position (data/resumable.py): the resumed epoch goes on with the batches not yet seen."""
+    import random
+
+    step = random.Random(seed).randrange(1, 12)
+    args = ["fit", "--config", CONFIG, "--trainer.max_epochs", "3"]
     killed = tmp_path / "killed"
-    # same callbacks as configs/tiny.yaml, plus one that kills the run as step 4 starts (epoch 1's first batch:
-    # epochs are 4 steps) whatever the machine's load; lists given in a second --config replace the first's.
-    # Mid-epoch kills resume to the same metrics but not bit-identical weights: the sampler keeps no mid-epoch state.
+    # same callbacks as configs/tiny.yaml, plus one that kills the run as `step` starts (after that step's
+    # checkpoint is written) whatever the machine's load; lists given in a second --config replace the first's.
     kill_config = tmp_path / "kill.yaml"
     kill_config.write_text(
         "trainer:\n  callbacks:\n"
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         f"      init_args: {{dirpath: {killed / 'checkpoints'}, save_last: true, every_n_train_steps: 1}}\n"
-        "    - class_path: kill_callback.KillAtStep\n      init_args: {step: 4}\n")
+        f"    - class_path: kill_callback.KillAtStep\n      init_args: {{step: {step}}}\n")
     env = trainer_env(tiny_workspace, killed)
     env["PYTHONPATH"] += os.pathsep + str(REPO / "tests" / "scripts")
     proc = subprocess.run([sys.executable, "-m", "trainer", *args, "--config", str(kill_config)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (killed / "checkpoints" / "epoch=0-step=4.ckpt").exists()
-    assert not (killed / "checkpoints" / "epoch=1-step=5.ckpt").exists()
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step
     run_trainer([*args, "--ckpt_path", "last"], tiny_workspace, killed)
 
-    straight, resumed = final_metrics(tmp_path / "straight"), final_metrics(killed)
+    straight, after = final_metrics(straight_run), final_metrics(killed)
     for key in ("val/kl", "val/teacher_agreement", "val/accuracy", "epoch", "step"):
-        assert float(resumed[key]) == pytest.approx(float(straight[key]), rel=1e-6, abs=1e-9), key
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        assert float(after[key]) == pytest.approx(float(straight[key]), rel=1e-6, abs=1e-9), key
+    a = torch.load(straight_run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     b = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
