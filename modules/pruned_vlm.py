@@ -276,7 +276,8 @@ class PrunedVLM(nn.Module):
     `image_sizes` (n_images, 2) = the original (height, width) of each image for LLaVA: with `processor` (the one
     that made `pixel_values`) the adapter derives which tokens show only padding (pad-to-square processors) and
     never keeps them while real ones remain. Every visual item (image, or video clip / frame) has its own N_i
-    tokens; budgets are per item (a ratio r keeps round(r * N_i), at least 1; a count is capped at N_i).
+    tokens; budgets are per item (a ratio r keeps round(r * N_i), at least 1; a count larger than an item's N_i is a
+    ValueError).
     Logits are returned for the positions that survive pruning; text tokens always survive, so the last row is
     the next-token prediction. When items of different rows keep different counts, shorter rows are left-padded
     ("filler" rows, `out.pruning.positions` -1).

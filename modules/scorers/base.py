@@ -118,7 +118,11 @@ class Stage2Context:
                 probs = torch.softmax(logits.gather(-1, slots), dim=-1)
             else:
                 probs = torch.softmax(logits, dim=-1).gather(-1, slots)
-            part = (probs * weight[:, None, lo:lo + rows.shape[1], None]).sum(dim=2)
+            rows_weight = weight[:, None, lo:lo + rows.shape[1], None]
+            # a row with less text than the widest scores query rows that see no key (its left padding; text
+            # before its image, over="vision"): their softmax is NaN, and NaN * 0 would poison the row
+            probs = torch.where(rows_weight > 0, probs, 0.0)
+            part = (probs * rows_weight).sum(dim=2)
             total = part if total is None else total + part
         return total
 
