@@ -109,24 +109,20 @@ def replicate_batch(batch: dict[str, Any], copies: int, image_prompts: torch.Ten
     return out, image_rows
 
 
-class _Stopwatch:
-    """Wall-clock milliseconds of a block, the device's queued work included (CUDA runs asynchronously)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.ms = device, 0.0
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __enter__(self) -> _Stopwatch:
-        self._sync()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._sync()
-        self.ms = (time.perf_counter() - self.start) * 1e3
+def _timed(metrics, key: str, run):
+    """`run()`; when `metrics` has `key` (the test metrics), its wall-clock milliseconds go there, the device's
+    queued work included (CUDA runs asynchronously; training steps are never synchronised for it)."""
+    if key not in metrics:
+        return run()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = run()
+    if cuda:
+        torch.cuda.synchronize()
+    metrics[key]((time.perf_counter() - start) * 1e3)
+    return out
 
 
 class DistillPruner(L.LightningModule):
@@ -344,11 +340,7 @@ class DistillPruner(L.LightningModule):
             return None
         hp = self.hparams
         want_hidden = hp.hidden_mse_weight > 0
-        timer = _Stopwatch(batch["input_ids"].device) if "teacher_ms" in metrics else None
-        with timer or contextlib.nullcontext():
-            teacher = self._teacher(batch, want_hidden)
-        if timer:
-            metrics["teacher_ms"](timer.ms)
+        teacher = _timed(metrics, "teacher_ms", lambda: self._teacher(batch, want_hidden))
         t_logits_all = teacher.logits
         t_hidden_all = teacher.hidden_states[-1] if want_hidden else None
         copies = hp.policy_samples if self._policy_step() else 1
@@ -367,12 +359,9 @@ class DistillPruner(L.LightningModule):
             t_logits_all = t_logits_all.repeat_interleave(copies, dim=0)
             t_hidden_all = None if t_hidden_all is None else t_hidden_all.repeat_interleave(copies, dim=0)
         labels = batch["labels"]
-        with timer or contextlib.nullcontext():
-            student = self.pruned(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, vision_tokens=vision_tokens,
-                                  prompt_end=batch.get("prompt_end"), output_hidden_states=want_hidden,
-                                  use_cache=False)
-        if timer:
-            metrics["pruned_ms"](timer.ms)
+        student = _timed(metrics, "pruned_ms", lambda: self.pruned(
+            **{k: batch[k] for k in MODEL_INPUTS if k in batch}, vision_tokens=vision_tokens,
+            prompt_end=batch.get("prompt_end"), output_hidden_states=want_hidden, use_cache=False))
         pruning = student.pruning
         positions = pruning.positions  # (B, L_out) original index of each student row
         # row p predicts the label at p + 1; answers are text, so every predicting row survives pruning
@@ -635,8 +624,6 @@ def _is_lora_key(key: str) -> bool:
 def _gathered(params: list[torch.Tensor]):
     """`deepspeed.zero.GatheredParameters(params)` when some of them are ZeRO-3 partitioned (a collective:
     every rank must enter it), else a no-op that does not import deepspeed."""
-    import contextlib
-
     if not any(hasattr(p, "ds_id") for p in params):
         return contextlib.nullcontext()
     import deepspeed

@@ -338,7 +338,7 @@ class PrunerHead(nn.Module, ScoreSelector, PyTorchModelHubMixin, library_name=LI
                                      local_files_only=local_files_only, token=token, **hub_kwargs)
         config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not weights_file.is_file():
-            pickled = sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+            pickled = pickled_files(directory)
             if pickled:
                 raise ValueError(f"pruner checkpoint {model_id!r} has pickled weights {pickled} but no {WEIGHTS_NAME}: "
                                  "learnprune loads safetensors only and will not unpickle them (pickle can run "
@@ -347,11 +347,7 @@ class PrunerHead(nn.Module, ScoreSelector, PyTorchModelHubMixin, library_name=LI
                              "learnprune reads safetensors weights only)")
         if not config_file.is_file():
             raise ValueError(f"pruner checkpoint {model_id!r} has no {CONFIG_NAME} (in {str(directory)!r})")
-        try:
-            raw = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{config_file} is not valid JSON: {err}") from None
-        head = cls(PrunerConfig.from_dict(raw, source=str(config_file)))
+        head = cls(PrunerConfig.from_dict(read_json(config_file), source=str(config_file)))
         state = load_safetensors(weights_file, device=map_location)
         try:
             head.load_state_dict(state, strict=True)
@@ -393,6 +389,19 @@ def pruner_directory(path: str | Path, **hub_kwargs: Any) -> Path:
     # looked up at call time, so tests (and users) can stand in for the hub
     return Path(huggingface_hub.snapshot_download(repo_id=str(path), allow_patterns=list(HUB_PATTERNS),
                                                   **hub_kwargs))
+
+
+def pickled_files(directory: Path) -> list[str]:
+    """Names of the pickled weight files in `directory` (listed in messages, never opened)."""
+    return sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content; invalid JSON or text is a ValueError naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
 
 
 def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

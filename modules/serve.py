@@ -6,7 +6,6 @@ each other: the engine takes any stage-1 selector, the head is one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,11 @@ from modules.head import (
     ADAPTER_DIR,
     CARD_NAME,
     CONFIG_NAME,
-    PICKLE_SUFFIXES,
     WEIGHTS_NAME,
     PrunerHead,
     load_safetensors,
+    pickled_files,
+    read_json,
 )
 from modules.pruned_vlm import PrunedVLM, PruningPlan
 from modules.vlm import get_adapter
@@ -47,15 +47,12 @@ def load_lora(model: nn.Module, adapter_dir: Path) -> None:
     adapter_dir = Path(adapter_dir)
     config_file, weights_file = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     if not weights_file.is_file():
-        pickled = sorted(p.name for p in adapter_dir.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+        pickled = pickled_files(adapter_dir)
         hint = (f"; it has pickled weights {pickled}, which learnprune will not unpickle" if pickled else "")
         raise ValueError(f"LoRA adapter directory {str(adapter_dir)!r} has no {ADAPTER_WEIGHTS}{hint}")
     if not config_file.is_file():
         raise ValueError(f"LoRA adapter directory {str(adapter_dir)!r} has no {ADAPTER_CONFIG}")
-    try:
-        raw = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file} is not valid JSON: {err}") from None
+    raw = read_json(config_file)
     state = load_safetensors(weights_file)  # read (and checked) before the model is touched
     fields = LoraConfig.__dataclass_fields__
     config = LoraConfig(**{k: v for k, v in raw.items() if k in fields and fields[k].init})

@@ -284,15 +284,13 @@ def calibrated(component, inputs):
     return component
 
 
-def stage1_components() -> list:
-    extra = [get_selector("debiased", inner="agilepruner")]
-    base = list(DEFAULT_SELECTORS) + extra
-    out = [fresh(s) for s in base]
-    out += [calibrated(s, calibration_images()) for s in base if isinstance(s, Calibrated)]
-    return out
+def components(defaults: list, extra: list, calibration_inputs: list) -> list:
+    """A fresh copy of every default component and of `extra`, then a calibrated copy of each `Calibrated` one."""
+    base = list(defaults) + extra
+    return [fresh(c) for c in base] + [calibrated(c, calibration_inputs) for c in base if isinstance(c, Calibrated)]
 
 
-STAGE1 = stage1_components()
+STAGE1 = components(DEFAULT_SELECTORS, [get_selector("debiased", inner="agilepruner")], calibration_images())
 
 
 # ---- stage 1 -------------------------------------------------------------------------------------------------
@@ -546,15 +544,7 @@ def calibration_contexts() -> list[Stage2Context]:
                                       query="last", seed=s)) for s, r in enumerate(rows)]
 
 
-def stage2_components() -> list:
-    extra = [get_scorer("debiased", inner="finepruner")]
-    base = list(DEFAULT_SCORERS) + extra
-    out = [fresh(s) for s in base]
-    out += [calibrated(s, calibration_contexts()) for s in base if isinstance(s, Calibrated)]
-    return out
-
-
-STAGE2 = stage2_components()
+STAGE2 = components(DEFAULT_SCORERS, [get_scorer("debiased", inner="finepruner")], calibration_contexts())
 
 
 def with_query(scorer, query: str):
